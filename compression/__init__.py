@@ -1,0 +1,1 @@
+"""Compression (Minitron-SSM / MiniPuzzle): importance, pruning, search, distillation. No Prefect, no MLflow."""

@@ -1,0 +1,1 @@
+"""Architectures, tokenizer, data, training loop, evaluation. No Prefect, no MLflow."""

@@ -1,0 +1,1 @@
+"""Artifact store and MLflow tracking / model registry."""

@@ -1,0 +1,1 @@
+"""Synthetic data generation (Nemotron-4 340B style). No Prefect."""

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over model/, compression/, sdg/ and registry/."""
