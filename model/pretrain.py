@@ -1,0 +1,191 @@
+"""Stages of ``model/``: prepare data (tokenizer + packed shards) and pretrain.
+
+Both follow the stage contract (model/contract.py): ``run_<stage>(spec, inputs, store)``
+returns a ref, and running it again with the same spec and inputs returns the stored ref
+without recomputing anything, as long as its artifact is still whole.
+
+A multi-process pretraining run (``train.num_processes > 1``) launches
+``python -m torch.distributed.run --standalone --nproc_per_node=N -m model.pretrain LAUNCH``
+and waits; each worker runs the same loop (model/train.py) under DDP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+from tqdm.auto import tqdm
+from transformers import NemotronHForCausalLM
+
+import model.checkpoint
+import model.data
+import model.nemotron_h
+import model.train
+from model.contract import ArchSummary, DataRef, Lineage, ModelRef, code_digest, json_digest
+from model.data import PackedTokens, is_validation, iter_documents, open_source, pack_split, source_digest
+from model.fsutil import atomic_write_text
+from model.nemotron_h import build_config, format_parameters, summarize
+from model.specs import DataSpec, ModelSpec, Section, TokenizerSpec, TrainSpec
+from model.tokenizer import load_tokenizer, special_token_ids, tokenizer_digest, train_bpe
+from model.train import StepCallback, train
+
+MODEL_DIR = "model"
+HISTORY_FILE = "training_history.json"  # in the model folder: per-step loss, lr, tokens/s, val loss
+
+
+class PretrainSpec(Section):
+    """What pretraining reads from a recipe."""
+
+    name: str
+    model: ModelSpec
+    train: TrainSpec
+
+
+def stage_key(stage: str, spec: BaseModel, input_digests: list[str], code: str) -> str:
+    """The cache key of DESIGN.md: stage, spec digest, input digests, code version."""
+    return json_digest({"stage": stage, "spec": json_digest(spec), "inputs": input_digests, "code": code})
+
+
+# --------------------------------------------------------------------------------------
+# Data: tokenizer and packed shards
+# --------------------------------------------------------------------------------------
+
+
+def run_prepare_data(data: DataSpec, tokenizer: TokenizerSpec, store, recipe_name: str = "") -> DataRef:
+    """Tokenizer (trained or loaded) and packed train/validation shards, cached by
+    (source digest, tokenizer digest, seq_len)."""
+    source = open_source(data)
+    src_digest = source_digest(data, source)
+    tok_dir, tok_digest = _tokenizer_for(data, tokenizer, source, src_digest, store)
+
+    key = f"data/{src_digest[:12]}-{tok_digest[:12]}-L{data.seq_len}"
+    cached = store.read_ref(key, DataRef)
+    if cached is not None and store.verify(cached.uri, cached.digest):
+        return cached
+
+    tok = load_tokenizer(tok_dir)
+    out = store.stage_dir("data", key.split("/", 1)[1])
+    splits = {}
+    for split in ("train", "validation"):
+        docs = (d for d in iter_documents(data, source) if is_validation(d, data.validation_fraction) == (split == "validation"))
+        docs = tqdm(docs, desc=f"tokenize {split}", unit=" docs", leave=False, disable=not sys.stderr.isatty())
+        token_lists = (tok(d.text, add_special_tokens=False)["input_ids"] for d in docs)
+        splits[split] = pack_split(token_lists, tok.eos_token_id, tok.pad_token_id, data.seq_len, out, split)
+        if splits[split]["rows"] == 0:
+            raise ValueError(f"the {split} split of {data.source} is empty: add documents or change "
+                             f"data.validation_fraction ({data.validation_fraction})")
+    meta = {"source": data.source, "source_digest": src_digest, "tokenizer_digest": tok_digest,
+            "seq_len": data.seq_len, "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id, "splits": splits}
+    atomic_write_text(out / model.data.META_NAME, json.dumps(meta, indent=1))
+    uri = store.publish(out, key)
+    ref = DataRef(
+        uri=uri, digest=store.published_digest(uri), tokenizer_uri=str(tok_dir), tokenizer_digest=tok_digest,
+        source=data.source, source_digest=src_digest, seq_len=data.seq_len,
+        train_tokens=splits["train"]["tokens"], validation_tokens=splits["validation"]["tokens"],
+        lineage=Lineage(stage="data", spec_digest=json_digest({"data": data, "tokenizer": tokenizer}),
+                        code_digest=code_digest(model.data), recipe_name=recipe_name),
+    )
+    store.write_ref(key, ref)
+    return ref
+
+
+def _tokenizer_for(data: DataSpec, spec: TokenizerSpec, source, src_digest: str, store) -> tuple[Path, str]:
+    if spec.path is not None:
+        return Path(spec.path).expanduser().resolve(), tokenizer_digest(spec.path)
+    key = f"tokenizers/bpe{spec.vocab_size}-{src_digest[:12]}-{json_digest(spec)[:8]}"
+    folder = store.stage_dir("tokenizers", key.split("/", 1)[1])
+    digest = store.published_digest(str(folder))
+    if digest is None or not store.verify(str(folder), digest):
+        texts = (d.text for d in iter_documents(data, source) if not is_validation(d, data.validation_fraction))
+        print(f"training a {spec.vocab_size}-token byte-level BPE on {data.source} ...", file=sys.stderr)
+        train_bpe(texts, spec.vocab_size, spec.min_frequency).save_pretrained(folder)
+        store.publish(folder, key)
+    return folder, tokenizer_digest(folder)
+
+
+# --------------------------------------------------------------------------------------
+# Pretraining
+# --------------------------------------------------------------------------------------
+
+
+def build_model_config(spec: ModelSpec, tokenizer):
+    overrides = dict(spec.overrides) | {"vocab_size": len(tokenizer)}
+    return build_config(spec.preset, overrides, **special_token_ids(tokenizer))
+
+
+def run_pretrain(spec: PretrainSpec, inputs: dict[str, DataRef], store,
+                 callbacks: tuple[StepCallback, ...] = ()) -> ModelRef:
+    """Pretrain a model from scratch on ``inputs['data']``; resumes from the newest checkpoint."""
+    data_ref = inputs["data"]
+    code = code_digest(model.train, model.checkpoint, model.nemotron_h)
+    key = stage_key("pretrain", spec, [data_ref.digest], code)
+    tokenizer = load_tokenizer(store.fetch(data_ref.tokenizer_uri))
+    config = build_model_config(spec.model, tokenizer)
+    summary = summarize(config)
+    name = f"{spec.name}-{spec.model.family}-{format_parameters(summary['parameters'])}-{key[:8]}"
+    ref_key = f"pretrain/{name}"
+
+    cached = store.read_ref(ref_key, ModelRef)
+    if cached is not None and store.verify(cached.uri, cached.digest):
+        return cached
+
+    work_dir = store.stage_dir("pretrain", name)
+    data_dir = store.fetch(data_ref.uri)
+    launch = {"spec": spec.model_dump(mode="json"), "data_dir": str(data_dir),
+              "tokenizer_dir": str(store.fetch(data_ref.tokenizer_uri)), "work_dir": str(work_dir)}
+    if spec.train.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        _launch_torchrun(launch, spec.train.num_processes, work_dir)
+    else:
+        _train_and_save(launch, callbacks)
+
+    history = json.loads((work_dir / MODEL_DIR / HISTORY_FILE).read_text())
+    uri = store.publish(work_dir / MODEL_DIR, f"{ref_key}/{MODEL_DIR}")
+    ref = ModelRef(
+        uri=uri,
+        digest=store.published_digest(uri),
+        architecture=ArchSummary(**summary),
+        lineage=Lineage(stage="pretrain", spec_digest=json_digest(spec), code_digest=code,
+                        parents=[data_ref.digest], recipe_name=spec.name),
+        metrics=history["metrics"],
+    )
+    store.write_ref(ref_key, ref)
+    return ref
+
+
+def _train_and_save(launch: dict, callbacks: tuple[StepCallback, ...] = ()) -> None:
+    """Build, train and save (rank 0) the model described by a launch record; run in every process."""
+    spec = PretrainSpec.model_validate(launch["spec"])
+    work_dir = Path(launch["work_dir"])
+    tokenizer = load_tokenizer(launch["tokenizer_dir"])
+    config = build_model_config(spec.model, tokenizer)
+    torch.manual_seed(spec.train.seed)
+    net = NemotronHForCausalLM(config)
+    result = train(net, PackedTokens(launch["data_dir"], "train"), spec.train, work_dir,
+                   validation=PackedTokens(launch["data_dir"], "validation"), callbacks=callbacks,
+                   description=f"pretrain {spec.name}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        net.save_pretrained(work_dir / MODEL_DIR)
+        tokenizer.save_pretrained(work_dir / MODEL_DIR)
+        metrics = {k: result[k] for k in ("steps", "tokens_seen", "final_loss", "val_loss")}
+        atomic_write_text(work_dir / MODEL_DIR / HISTORY_FILE, json.dumps({"metrics": metrics, "history": result["history"]}))
+
+
+def _launch_torchrun(launch: dict, num_processes: int, work_dir: Path) -> None:
+    launch_file = work_dir / "launch.json"
+    atomic_write_text(launch_file, json.dumps(launch))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={num_processes}", "-m", "model.pretrain", str(launch_file)]
+    print("launching:", " ".join(command), file=sys.stderr)
+    subprocess.run(command, check=True)
+
+
+if __name__ == "__main__":  # a torchrun worker
+    from model import distributed
+
+    _train_and_save(json.loads(Path(sys.argv[1]).read_text()))
+    distributed.teardown(distributed.setup("auto"))

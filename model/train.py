@@ -1,0 +1,212 @@
+"""The training loop, readable top to bottom (nanoGPT's shape, torchtune's explicitness).
+
+    for each optimizer step:
+        take the step's global batch from the data order (derived from the step number)
+        split it across processes and micro-batches; forward, loss, backward
+        stop on a non-finite loss; clip; AdamW step; LR schedule step
+        every eval_every steps: validation loss
+        every checkpoint_every steps: an atomic checkpoint (model/checkpoint.py)
+
+Pretraining and distillation share this loop; they differ only in ``loss_fn``.
+
+Determinism: the data order is a function of (seed, step), the checkpoint holds weights,
+optimizer, scheduler and RNG state, so a resumed run reaches the same weights as an
+uninterrupted one. The loss of a step is the sum of per-token losses over the whole global
+batch divided by its number of target tokens, however the batch is split across processes
+and micro-batches, so 1 process and N processes follow the same curve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from model import distributed
+from model.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from model.data import PackedTokens
+from model.specs import TrainSpec
+
+# (model, input_ids (B, L), target_mask (B, L-1)) -> sum of per-token losses over the targets
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+StepCallback = Callable[[dict], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy, summed over the target positions that are real tokens."""
+    logits = model(input_ids=input_ids).logits  # (B, L, V)
+    per_token = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none"
+    )  # (B * (L-1),)
+    return (per_token * target_mask.flatten()).sum()
+
+
+def lr_factor(step: int, spec: TrainSpec) -> float:
+    """Multiplier on ``spec.lr`` for the 0-based optimizer step: linear warmup, then
+    cosine to ``min_lr_ratio``, WSD (constant, then a linear decay over the last
+    ``decay_fraction`` of steps), or constant."""
+    if step < spec.warmup_steps:
+        return (step + 1) / spec.warmup_steps
+    if spec.schedule == "constant":
+        return 1.0
+    if spec.schedule == "cosine":
+        progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
+        return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    decay_start = spec.steps - max(1, int(spec.decay_fraction * spec.steps))
+    if step < decay_start:
+        return 1.0
+    progress = (step - decay_start) / max(1, spec.steps - decay_start)
+    return 1.0 - (1.0 - spec.min_lr_ratio) * min(1.0, progress)
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(num_rows: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_rows, generator=generator)
+
+
+def global_batch(step: int, batch_size: int, num_rows: int, seed: int) -> list[int]:
+    """Row indices of step ``step``'s global batch: consecutive slices of per-epoch shuffles,
+    so every row is seen exactly once per epoch."""
+    rows = []
+    for position in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(position, num_rows)
+        rows.append(int(_epoch_order(num_rows, seed, epoch)[offset]))
+    return rows
+
+
+def _optimizer(model: torch.nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    # Decay matrices and embeddings; not norms, biases or the per-head SSM scalars (A_log, D, dt_bias).
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas)
+
+
+def _autocast(device: torch.device, precision: str):
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, data: PackedTokens, rows: Sequence[int], micro_batch_size: int,
+                  loss_fn: LossFn = lm_loss, device: torch.device | None = None,
+                  precision: str = "auto", d: distributed.Dist | None = None) -> float:
+    """Mean per-token loss over ``rows`` (split across processes when distributed)."""
+    device = device or torch.device("cpu")
+    d = d or distributed.Dist(device=device)
+    was_training = model.training
+    model.eval()
+    mine = list(rows)[d.rank :: d.world_size]
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, target count
+    for start in range(0, len(mine), micro_batch_size):
+        input_ids, valid = data.batch(mine[start : start + micro_batch_size])
+        input_ids, target_mask = input_ids.to(device), valid[:, 1:].to(device)
+        with _autocast(device, precision):
+            totals[0] += loss_fn(model, input_ids, target_mask).double()
+        totals[1] += target_mask.sum()
+    distributed.all_reduce_sum(totals, d)
+    model.train(was_training)
+    return (totals[0] / totals[1]).item()
+
+
+def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir: Path,
+          validation: PackedTokens | None = None, loss_fn: LossFn = lm_loss,
+          callbacks: Sequence[StepCallback] = (), description: str = "train") -> dict:
+    """Train ``model`` in place for ``spec.steps`` optimizer steps, resuming from the newest
+    whole checkpoint under ``work_dir/checkpoints``. Returns the final metrics and history."""
+    d = distributed.setup(spec.device)
+    checkpoints = Path(work_dir) / "checkpoints"
+    model.to(d.device).train()
+    optimizer = _optimizer(model, spec)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
+    state = {"step": 0, "tokens_seen": 0, "history": []}
+
+    resumed = find_latest(checkpoints)
+    if resumed is not None:
+        load_checkpoint(resumed, model, optimizer, scheduler)
+        state = resumed.state
+        if d.is_main:
+            print(f"resuming {description} from {resumed.path} (step {resumed.step})", file=sys.stderr)
+
+    if spec.batch_size % (d.world_size * spec.micro_batch_size):
+        raise ValueError(f"train.batch_size ({spec.batch_size}) must be a multiple of micro_batch_size "
+                         f"({spec.micro_batch_size}) x processes ({d.world_size})")
+    ddp_model = DistributedDataParallel(model) if d.enabled else model
+    per_process = spec.batch_size // d.world_size
+    validation_rows = range(min(len(validation), spec.eval_batches * spec.micro_batch_size)) if validation else ()
+    # In a log (Prefect, CI) a redraw is a new line: redraw every 30 s there, twice a second on a terminal.
+    progress = tqdm(total=spec.steps, initial=state["step"], desc=description, disable=not d.is_main,
+                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
+
+    while state["step"] < spec.steps:
+        step = state["step"]
+        started = time.perf_counter()
+        rows = global_batch(step, spec.batch_size, len(data), spec.seed)
+        # Normalize by the global batch's target count, known to every process without talking.
+        num_targets = data.target_count(rows)
+        my_rows = rows[d.rank * per_process : (d.rank + 1) * per_process]
+        step_loss = torch.zeros((), dtype=torch.float64, device=d.device)
+
+        for start in range(0, per_process, spec.micro_batch_size):
+            input_ids, valid = data.batch(my_rows[start : start + spec.micro_batch_size])
+            input_ids, target_mask = input_ids.to(d.device), valid[:, 1:].to(d.device)
+            last_micro = start + spec.micro_batch_size >= per_process
+            # DDP averages gradients over processes, so scale by world size to get the global sum / N.
+            with ddp_model.no_sync() if d.enabled and not last_micro else contextlib.nullcontext():
+                with _autocast(d.device, spec.precision):
+                    loss_sum = loss_fn(ddp_model, input_ids, target_mask)
+                (loss_sum * (d.world_size / num_targets)).backward()
+            step_loss += loss_sum.detach().double()
+
+        loss = distributed.all_reduce_sum(step_loss, d).item() / num_targets
+        if not math.isfinite(loss):
+            last = find_latest(checkpoints)
+            raise TrainingDiverged(
+                f"{description}: loss is {loss} at step {step + 1}; stopped before the optimizer step. "
+                f"Last good checkpoint: {last.path if last else 'none'}. Try a lower train.lr or more warmup."
+            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf")).item()
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        state["step"] = step + 1
+        state["tokens_seen"] += spec.batch_size * data.seq_len
+        elapsed = time.perf_counter() - started
+        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": spec.batch_size * data.seq_len / elapsed, "tokens_seen": state["tokens_seen"]}
+        if validation is not None and (record["step"] % spec.eval_every == 0 or record["step"] == spec.steps):
+            record["val_loss"] = evaluate_loss(model, validation, validation_rows, spec.micro_batch_size,
+                                               loss_fn, d.device, spec.precision, d)
+        state["history"].append(record)
+        if d.is_main:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{lr:.2e}")
+            for callback in callbacks:
+                callback(record)
+        if record["step"] % spec.checkpoint_every == 0 or record["step"] == spec.steps:
+            if d.is_main:
+                save_checkpoint(checkpoints, record["step"], model, optimizer, scheduler, state, spec.keep_checkpoints)
+            distributed.barrier(d)
+
+    progress.close()
+    history = state["history"]
+    val = [r["val_loss"] for r in history if "val_loss" in r]
+    return {"steps": state["step"], "tokens_seen": state["tokens_seen"],
+            "final_loss": history[-1]["loss"] if history else float("nan"),
+            "val_loss": val[-1] if val else float("nan"), "history": history}
