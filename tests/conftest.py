@@ -1,0 +1,124 @@
+"""Shared fixtures: a small real-text corpus, micro recipes, and the factory CLI as a subprocess."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A recipe small enough for a test: the `micro` preset (every layer type, 4 Mamba groups),
+# 64-token sequences, a 512-token BPE, a handful of steps.
+MICRO_RECIPE = {
+    "name": "micro",
+    "data": {"source": None, "seq_len": 64, "validation_fraction": 0.1},
+    "tokenizer": {"vocab_size": 512},
+    "model": {"preset": "micro"},
+    "train": {"steps": 6, "batch_size": 8, "micro_batch_size": 4, "lr": 1e-2, "warmup_steps": 2,
+              "checkpoint_every": 3, "eval_every": 3, "eval_batches": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """About 60 real documents (standard-library modules, as .txt files): ~1 MB of code and prose."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out = tmp_path_factory.mktemp("corpus")
+    files = sorted((stdlib / "json").glob("*.py")) + sorted(stdlib.glob("[a-c]*.py"))[:55]
+    for path in files:
+        shutil.copy(path, out / f"{path.parent.name}-{path.stem}.txt")
+    return out
+
+
+def recipe_dict(corpus: Path, **sections) -> dict:
+    """MICRO_RECIPE on ``corpus`` with sections updated key by key."""
+    recipe = copy.deepcopy(MICRO_RECIPE)
+    recipe["data"]["source"] = str(corpus)
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(recipe.get(section), dict):
+            recipe[section].update(values)
+        else:
+            recipe[section] = values
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def artifact_root(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "artifacts"
+    monkeypatch.setenv("FACTORY_ARTIFACT_ROOT", str(root))
+    return root
+
+
+def run_factory(*args: str, root: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FACTORY_ARTIFACT_ROOT=str(root))
+    result = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"factory {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1, for the whole session.
+
+    Yields the endpoint URL; tests point boto3 at it with the standard AWS_* variables."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(endpoint, timeout=60, process=process)
+        yield endpoint
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """boto3 configured the standard way for the test server: endpoint and (fake) credentials."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return s3_server

@@ -1,0 +1,82 @@
+"""Recipes validate before any compute and name every bad field by its dotted path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.recipe import RecipeError, load_recipe, parse_recipe
+
+from .conftest import REPO, recipe_dict, run_factory, write_recipe
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(recipe):
+    load_recipe(recipe)
+
+
+def test_validate_prints_resolved_summary(tmp_path):
+    result = run_factory("validate", "recipes/tiny.yaml", root=tmp_path)
+    assert "recipe tiny: valid" in result.stdout
+    assert "6.26M parameters" in result.stdout  # hidden 256, M-M*-M-M-, vocab 4096
+    assert "mamba" in result.stdout and "attention" in result.stdout and "ffn" in result.stdout
+    assert "491,520 tokens" in result.stdout  # 120 steps x 16 x 256
+
+
+BAD_VALUES = [
+    ({"train": {"steps": -1}}, "train.steps"),
+    ({"train": {"batch_size": 0}}, "train.batch_size"),
+    ({"model": {"overrides": {"hidden_size": 0}}}, "model.overrides.hidden_size"),
+    ({"model": {"overrides": {"mamba_num_heads": 6}}}, "model.overrides.mamba_num_heads"),  # 4 groups
+    ({"model": {"overrides": {"num_attention_heads": 3}}}, "model.overrides.num_attention_heads"),  # 2 KV heads
+    ({"model": {"preset": "nemotron-h-9b"}}, "model.preset"),
+    ({"model": {"overrides": {"mamba_heads": 8}}}, "model.overrides.mamba_heads"),
+    ({"data": {"source": "/no/such/corpus"}}, "data.source"),
+    ({"train": {"lr_warmup": 5}}, "train.lr_warmup"),
+    ({"trian": {"steps": 5}}, "trian"),
+    ({"train": {"batch_size": 6, "micro_batch_size": 4}}, "train.batch_size"),
+    ({"tokenizer": {"vocab_size": 100}}, "tokenizer.vocab_size"),
+]
+
+
+@pytest.mark.parametrize("change, path", BAD_VALUES, ids=[p for _, p in BAD_VALUES])
+def test_bad_value_is_reported_with_its_path(corpus_dir, change, path):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(recipe_dict(corpus_dir, **change))
+    assert path in [p for p, _ in info.value.problems], info.value.problems
+
+
+def test_every_bad_field_is_listed_and_cli_exits_2_without_traceback(corpus_dir, tmp_path):
+    bad = recipe_dict(corpus_dir, train={"steps": 0, "lr": -1.0}, model={"preset": "huge"},
+                      data={"source": str(tmp_path / "missing")})
+    result = run_factory("validate", str(write_recipe(tmp_path / "bad.yaml", bad)), root=tmp_path, check=False)
+    assert result.returncode == 2
+    for path in ("train.steps", "train.lr", "model.preset", "data.source"):
+        assert path in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(tmp_path / "broken.yaml")
+    result = run_factory("validate", str(tmp_path / "nope.yaml"), root=tmp_path, check=False)
+    assert result.returncode == 2 and "file not found" in result.stderr
+
+
+def test_published_presets_have_published_sizes():
+    from model.nemotron_h import build_config, parameters_by_kind
+
+    # reference/architectures.md: 8B -> 8.10B, 4B -> 4.49B, 56B -> 56.3B, 47B -> 46.8B
+    expected = {"nemotron-h-8b": 8.10e9, "nemotron-h-4b": 4.49e9, "nemotron-h-56b": 56.3e9, "nemotron-h-47b": 46.8e9}
+    for preset, size in expected.items():
+        total = sum(parameters_by_kind(build_config(preset)).values())
+        assert abs(total - size) / size < 0.01, (preset, total)
+
+
+def test_relative_data_path_is_checked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("corpus").mkdir()
+    (Path("corpus") / "a.txt").write_text("hello")
+    parse_recipe({"name": "x", "data": {"source": "corpus"}})

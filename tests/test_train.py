@@ -1,0 +1,170 @@
+"""The training loop: schedules, resume after a hard kill, broken checkpoints, NaN, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import model.pretrain
+from model.checkpoint import MARKER_FILE, checkpoint_problem, find_latest, list_checkpoints
+from model.data import PackedTokens
+from model.pretrain import PretrainSpec, run_pretrain
+from model.specs import DataSpec, ModelSpec, TokenizerSpec, TrainSpec
+from model.train import TrainingDiverged, lm_loss, lr_factor, train
+from registry.store import LocalStore
+
+from .conftest import REPO, recipe_dict, run_factory, write_recipe
+
+
+@pytest.fixture(scope="module")
+def micro_data(corpus_dir, tmp_path_factory):
+    store = LocalStore(tmp_path_factory.mktemp("data-store"))
+    spec = DataSpec(source=str(corpus_dir), seq_len=64, validation_fraction=0.1)
+    return model.pretrain.run_prepare_data(spec, TokenizerSpec(vocab_size=512), store)
+
+
+def _micro_model(data_ref, seed=0):
+    tokenizer = model.pretrain.load_tokenizer(data_ref.tokenizer_uri)
+    config = model.pretrain.build_model_config(ModelSpec(preset="micro"), tokenizer)
+    torch.manual_seed(seed)
+    return model.pretrain.NemotronHForCausalLM(config)
+
+
+def test_lr_schedules():
+    cosine = TrainSpec(steps=100, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1, lr=1.0)
+    assert lr_factor(0, cosine) == pytest.approx(0.1)
+    assert lr_factor(9, cosine) == pytest.approx(1.0)
+    assert lr_factor(55, cosine) == pytest.approx(0.55)  # half-way through the decay
+    assert lr_factor(100, cosine) == pytest.approx(0.1)
+    wsd = TrainSpec(steps=100, warmup_steps=10, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0)
+    assert lr_factor(50, wsd) == 1.0 and lr_factor(79, wsd) == 1.0
+    assert lr_factor(90, wsd) == pytest.approx(0.5) and lr_factor(100, wsd) == pytest.approx(0.0)
+
+
+def test_training_decreases_loss_and_output_loads_with_plain_transformers(micro_data, tmp_path):
+    spec = PretrainSpec(name="micro", model=ModelSpec(preset="micro"),
+                        train=TrainSpec(steps=12, batch_size=8, micro_batch_size=4, lr=1e-2, warmup_steps=2,
+                                        checkpoint_every=6, eval_every=6, eval_batches=2))
+    store = LocalStore(tmp_path)
+    ref = run_pretrain(spec, {"data": micro_data}, store)
+    history = json.loads((Path(ref.uri) / "training_history.json").read_text())["history"]
+    assert history[-1]["loss"] < history[0]["loss"] - 0.5
+    assert ref.metrics["val_loss"] < math.log(512)
+    assert ref.architecture.layer_pattern == "M-*M-" and ref.lineage.parents == [micro_data.digest]
+    assert store.verify(ref.uri, ref.digest, deep=True)
+
+    # A fresh interpreter that imports only transformers loads it and generates.
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "tok = AutoTokenizer.from_pretrained(sys.argv[1]); m = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "ids = tok('def main(', return_tensors='pt').input_ids\n"
+        "out = m.generate(ids, max_new_tokens=8, do_sample=False)\n"
+        "assert out.shape[1] > ids.shape[1]\n"
+        "assert not any(name in sys.modules for name in ('model', 'flows', 'compression', 'registry'))\n"
+        "print(type(m).__name__, repr(tok.decode(out[0])))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, ref.uri], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("NemotronHForCausalLM 'def main(")
+
+    # A second run with the same spec and data returns the stored ref without training.
+    assert run_pretrain(spec, {"data": micro_data}, store) == ref
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(next(Path(folder).rglob("model.safetensors"))))
+
+
+def test_resume_after_sigkill_reaches_the_same_weights(corpus_dir, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(
+        corpus_dir, train={"steps": 40, "checkpoint_every": 10, "keep_checkpoints": 5, "eval_every": 20}))
+
+    straight = tmp_path / "straight"
+    run_factory("pretrain", str(recipe), root=straight)
+
+    killed = tmp_path / "killed"
+    env = dict(__import__("os").environ, FACTORY_ARTIFACT_ROOT=str(killed))
+    child = subprocess.Popen([sys.executable, "-m", "flows.cli", "pretrain", str(recipe)], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(killed.glob(f"pretrain/*/checkpoints/step_00000010/{MARKER_FILE}")):
+        assert child.poll() is None and time.monotonic() < deadline, "child ended before its first checkpoint"
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL
+    work = next(killed.glob("pretrain/*"))
+    assert not (work / "model").exists(), "the run finished before the kill; the test proves nothing"
+
+    resumed = run_factory("pretrain", str(recipe), root=killed)
+    assert "resuming pretrain micro from" in resumed.stderr
+    a, b = _tensors(straight / "pretrain"), _tensors(work / "model")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_truncated_newest_checkpoint_is_skipped(micro_data, tmp_path):
+    spec = TrainSpec(steps=9, batch_size=8, micro_batch_size=4, lr=1e-2, warmup_steps=2, checkpoint_every=3,
+                     keep_checkpoints=5, eval_every=100)
+    data = PackedTokens(micro_data.uri, "train")
+    straight = _micro_model(micro_data)
+    train(straight, data, spec, tmp_path / "straight")
+
+    # Keep steps 3 and 6, truncate 6's weights: the resume must go back to step 3 and still
+    # reach the uninterrupted weights.
+    work = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "straight", work)
+    shutil.rmtree(work / "checkpoints" / "step_00000009")
+    weights = work / "checkpoints" / "step_00000006" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert "truncated" in checkpoint_problem(weights.parent)
+
+    resumed = _micro_model(micro_data, seed=123)  # different init: everything must come from step 3
+    with pytest.warns(UserWarning, match="skipping checkpoint .*step_00000006.*truncated"):
+        result = train(resumed, data, spec, work)
+    assert [r["step"] for r in result["history"]] == list(range(1, 10))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(micro_data, tmp_path):
+    calls = {"n": 0}
+
+    def poisoned_loss(net, input_ids, target_mask):
+        calls["n"] += 1
+        loss = lm_loss(net, input_ids, target_mask)
+        return loss * float("nan") if calls["n"] > 8 else loss  # 2 micro-batches per step: NaN at step 5
+
+    spec = TrainSpec(steps=10, batch_size=8, micro_batch_size=4, checkpoint_every=3, eval_every=100)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5.*step_00000003"):
+        train(_micro_model(micro_data), PackedTokens(micro_data.uri, "train"), spec, tmp_path, loss_fn=poisoned_loss)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000003"]
+    assert checkpoint_problem(tmp_path / "checkpoints" / "step_00000003") is None
+    state = find_latest(tmp_path / "checkpoints")
+    assert all(math.isfinite(t.float().sum()) for t in load_file(str(state.path / "model.safetensors")).values())
+
+
+def test_two_gloo_processes_follow_the_single_process_curve(micro_data, tmp_path):
+    def losses(num_processes: int, micro_batch_size: int) -> list[float]:
+        spec = PretrainSpec(name="ddp", model=ModelSpec(preset="micro"),
+                            train=TrainSpec(steps=5, batch_size=8, micro_batch_size=micro_batch_size, lr=1e-2,
+                                            warmup_steps=1, eval_every=5, num_processes=num_processes))
+        ref = run_pretrain(spec, {"data": micro_data}, LocalStore(tmp_path / str(num_processes)))
+        history = json.loads((Path(ref.uri) / "training_history.json").read_text())["history"]
+        return [r["loss"] for r in history]
+
+    one = losses(1, 4)  # one process, 2 micro-batches of 4
+    two = losses(2, 4)  # two processes, 1 micro-batch of 4 each
+    assert len(one) == len(two) == 5
+    assert one == pytest.approx(two, rel=1e-4)
