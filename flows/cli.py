@@ -29,7 +29,7 @@ def cmd_validate(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from flows.recipe import summary
-    from model.nemotron_h import format_parameters
+    from model.architectures import format_parameters
     from model.pretrain import run_prepare_data, run_pretrain
     from registry.store import open_store
 

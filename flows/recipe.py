@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from model.nemotron_h import format_parameters, parameters_by_kind
+from model.architectures import format_parameters, get_family
 from model.pretrain import PretrainSpec, build_model_config
 from model.specs import DataSpec, FieldErrors, ModelSpec, TokenizerSpec, TrainSpec
 
@@ -100,15 +100,15 @@ def summary(recipe: Recipe) -> str:
     else:
         tokenizer = _VocabOnly(recipe.tokenizer.vocab_size)
     config = build_model_config(recipe.model, tokenizer)
-    kinds = parameters_by_kind(config)
-    from model.nemotron_h import pattern_of
+    arch = get_family(recipe.model.family).summarize(config)
+    kinds = arch["parameters_by_kind"]
 
     t = recipe.train
     tokens = t.steps * t.batch_size * recipe.data.seq_len
     lines = [
         f"recipe {recipe.name}: valid",
-        f"  model  {recipe.model.family} preset {recipe.model.preset}, {len(config.layers_block_type)} layers "
-        f"{pattern_of(config)}, {format_parameters(sum(kinds.values()))} parameters",
+        f"  model  {recipe.model.family} preset {recipe.model.preset}, {len(arch['layer_pattern'])} layers "
+        f"{arch['layer_pattern']}, {format_parameters(arch['parameters'])} parameters",
         "         " + ", ".join(f"{kind} {format_parameters(n)}" for kind, n in kinds.items()),
         f"  data   {recipe.data.source}, sequences of {recipe.data.seq_len} tokens, "
         + (f"tokenizer {recipe.tokenizer.path}" if recipe.tokenizer.path else f"BPE vocabulary {recipe.tokenizer.vocab_size}"),

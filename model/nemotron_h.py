@@ -222,10 +222,3 @@ def summarize(config: NemotronHConfig) -> dict:
         layer_pattern=pattern_of(config),
         config={k: getattr(config, k) for k in keys},
     )
-
-
-def format_parameters(count: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.2f}{unit}"
-    return str(count)

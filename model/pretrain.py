@@ -20,16 +20,15 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 from tqdm.auto import tqdm
-from transformers import NemotronHForCausalLM
 
+import model.architectures
 import model.checkpoint
 import model.data
-import model.nemotron_h
 import model.train
+from model.architectures import format_parameters, get_family
 from model.contract import ArchSummary, DataRef, Lineage, ModelRef, code_digest, json_digest
 from model.data import PackedTokens, is_validation, iter_documents, open_source, pack_split, source_digest
 from model.fsutil import atomic_write_text
-from model.nemotron_h import build_config, format_parameters, summarize
 from model.specs import DataSpec, ModelSpec, Section, TokenizerSpec, TrainSpec
 from model.tokenizer import load_tokenizer, special_token_ids, tokenizer_digest, train_bpe
 from model.train import StepCallback, train
@@ -114,19 +113,21 @@ def _tokenizer_for(data: DataSpec, spec: TokenizerSpec, source, src_digest: str,
 
 
 def build_model_config(spec: ModelSpec, tokenizer):
+    """The recipe's architecture with the tokenizer's vocabulary and special tokens."""
     overrides = dict(spec.overrides) | {"vocab_size": len(tokenizer)}
-    return build_config(spec.preset, overrides, **special_token_ids(tokenizer))
+    return get_family(spec.family).build_config(spec.preset, overrides, **special_token_ids(tokenizer))
 
 
 def run_pretrain(spec: PretrainSpec, inputs: dict[str, DataRef], store,
                  callbacks: tuple[StepCallback, ...] = ()) -> ModelRef:
     """Pretrain a model from scratch on ``inputs['data']``; resumes from the newest checkpoint."""
     data_ref = inputs["data"]
-    code = code_digest(model.train, model.checkpoint, model.nemotron_h)
+    family = get_family(spec.model.family)
+    code = code_digest(model.train, model.checkpoint, model.architectures, sys.modules[family.build_config.__module__])
     key = stage_key("pretrain", spec, [data_ref.digest], code)
     tokenizer = load_tokenizer(store.fetch(data_ref.tokenizer_uri))
     config = build_model_config(spec.model, tokenizer)
-    summary = summarize(config)
+    summary = family.summarize(config)
     name = f"{spec.name}-{spec.model.family}-{format_parameters(summary['parameters'])}-{key[:8]}"
     ref_key = f"pretrain/{name}"
 
@@ -164,7 +165,7 @@ def _train_and_save(launch: dict, callbacks: tuple[StepCallback, ...] = ()) -> N
     tokenizer = load_tokenizer(launch["tokenizer_dir"])
     config = build_model_config(spec.model, tokenizer)
     torch.manual_seed(spec.train.seed)
-    net = NemotronHForCausalLM(config)
+    net = get_family(spec.model.family).model_class(config)
     result = train(net, PackedTokens(launch["data_dir"], "train"), spec.train, work_dir,
                    validation=PackedTokens(launch["data_dir"], "validation"), callbacks=callbacks,
                    description=f"pretrain {spec.name}")

@@ -73,30 +73,34 @@ class TokenizerSpec(Section):
 
 
 class ModelSpec(Section):
-    """An architecture: a preset plus per-field overrides of its config.
+    """An architecture: a family, one of its presets, and per-field overrides of its config.
 
     For ``family: nemotron_h`` the overrides are ``NemotronHConfig`` fields, plus
     ``pattern`` (e.g. ``M-M*-M-M-``). ``vocab_size`` always comes from the tokenizer.
+    The families and their presets are listed in ``model/architectures.py``.
     """
 
-    family: Literal["nemotron_h"] = "nemotron_h"
+    family: str = "nemotron_h"
     preset: str = "tiny"
     overrides: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _buildable(self):
-        from model.nemotron_h import CONFIG_FIELDS, PRESETS, build_config, config_problems
+        from model.architectures import FAMILIES
 
-        if self.preset not in PRESETS:
-            raise field_error("preset", f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        unknown = sorted(set(self.overrides) - CONFIG_FIELDS)
+        if self.family not in FAMILIES:
+            raise field_error("family", f"unknown model family {self.family!r}; choose one of {sorted(FAMILIES)}")
+        family = FAMILIES[self.family]
+        if self.preset not in family.presets:
+            raise field_error("preset", f"unknown {self.family} preset {self.preset!r}; choose one of {sorted(family.presets)}")
+        unknown = sorted(set(self.overrides) - family.config_fields)
         if unknown:
-            raise FieldErrors({f"overrides.{k}": "not a NemotronHConfig field" for k in unknown})
+            raise FieldErrors({f"overrides.{k}": f"not a {self.family} config field" for k in unknown})
         try:
-            config = build_config(self.preset, self.overrides)
+            config = family.build_config(self.preset, self.overrides)
         except (ValueError, TypeError) as e:
             raise field_error("overrides", str(e)) from None
-        problems = config_problems(config)
+        problems = family.config_problems(config)
         if problems:
             raise FieldErrors({f"overrides.{k}": v for k, v in problems.items()})
         return self

@@ -37,7 +37,7 @@ def _micro_model(data_ref, seed=0):
     tokenizer = model.pretrain.load_tokenizer(data_ref.tokenizer_uri)
     config = model.pretrain.build_model_config(ModelSpec(preset="micro"), tokenizer)
     torch.manual_seed(seed)
-    return model.pretrain.NemotronHForCausalLM(config)
+    return model.pretrain.get_family("nemotron_h").model_class(config)
 
 
 def test_lr_schedules():

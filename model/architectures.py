@@ -1,0 +1,57 @@
+"""Model families the factory can build, train and save: one entry per architecture.
+
+A family knows its presets, which config fields a recipe may override, how to build a
+config and check it, how to summarize it for a ModelRef, and its ``PreTrainedModel``
+class. Everything downstream (pretraining, evaluation, the registry) goes through this
+table, so adding an architecture is adding an entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from transformers import PretrainedConfig, PreTrainedModel
+
+from model import nemotron_h
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    presets: dict[str, dict]
+    config_fields: set[str]
+    # (preset, overrides, **special_token_ids) -> config; raises ValueError on bad input
+    build_config: Callable[..., PretrainedConfig]
+    # config -> {field: what is wrong} for shapes that cannot run
+    config_problems: Callable[[PretrainedConfig], dict[str, str]]
+    # config -> ArchSummary fields (family, parameters, parameters_by_kind, layer_pattern, config)
+    summarize: Callable[[PretrainedConfig], dict]
+    model_class: type[PreTrainedModel]
+
+
+FAMILIES: dict[str, Family] = {
+    "nemotron_h": Family(
+        name="nemotron_h",
+        presets=nemotron_h.PRESETS,
+        config_fields=nemotron_h.CONFIG_FIELDS,
+        build_config=nemotron_h.build_config,
+        config_problems=nemotron_h.config_problems,
+        summarize=nemotron_h.summarize,
+        model_class=nemotron_h.NemotronHForCausalLM,
+    ),
+}
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; choose one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def format_parameters(count: int) -> str:
+    """6260000 -> '6.26M'."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return str(count)
