@@ -1,9 +1,20 @@
 """The artifact store: where stages keep work and publish results.
 
-``open_store(root)`` picks the implementation from the root: a local folder (the default,
-``FACTORY_ARTIFACT_ROOT`` or ``.factory``) or ``s3://bucket/prefix`` (the registry issue).
-Publishing is atomic: the files first, then ``manifest.json`` (per-file sizes and sha256,
-and the folder digest) last, so a reader that finds a manifest finds a whole artifact.
+``open_store(root)`` picks the implementation from the root (``FACTORY_ARTIFACT_ROOT``,
+default ``.factory``): a local folder (``LocalStore``) or ``s3://bucket/prefix``
+(``S3Store``, any S3-compatible endpoint through boto3).
+
+Publishing is atomic for readers: the files first, then ``manifest.json`` last
+(``{"digest": ..., "files": {name: {"sha256": ..., "size": ...}}}``, the same format in
+both stores), so a reader that finds a manifest finds a whole artifact, and a reader
+that finds none treats the artifact as not published.
+
+S3 is configured the standard boto3 way and only that way: the credential chain
+(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, SSO, instance roles),
+``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` for MinIO, Ceph and friends,
+``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` for retries. Stages still work in local
+folders (``stage_dir``) and read local copies (``fetch``); those live under
+``FACTORY_WORK_DIR`` (default ``~/.cache/factory``).
 """
 
 from __future__ import annotations
@@ -11,33 +22,87 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel
+from tqdm.auto import tqdm
 
-from model.contract import MANIFEST_NAME, combine_digests, folder_files
+from model.contract import MANIFEST_NAME, combine_digests, file_digest, folder_files
 from model.fsutil import atomic_write_text
 
 DEFAULT_ROOT = ".factory"
 REFS_DIR = "refs"  # <root>/refs/<key>.json: stage results, apart from the artifacts they point to
+MiB = 1 << 20
 
 
 def artifact_root() -> str:
     return os.environ.get("FACTORY_ARTIFACT_ROOT", DEFAULT_ROOT)
 
 
+def work_root() -> Path:
+    """Local folder for working copies of a remote store: stage folders and downloads."""
+    if "FACTORY_WORK_DIR" in os.environ:
+        return Path(os.environ["FACTORY_WORK_DIR"]).expanduser().resolve()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser().resolve() / "factory"
+
+
 def open_store(root: str | None = None):
     root = root or artifact_root()
     if root.startswith("s3://"):
-        raise NotImplementedError("s3:// artifact roots arrive with the registry issue (#6)")
+        return S3Store(root)
     return LocalStore(root)
+
+
+class StoreError(RuntimeError):
+    """An artifact store operation that cannot succeed as configured; the message says where and why."""
+
+
+# --------------------------------------------------------------------------------------
+# Manifests and local folders (shared by both stores)
+# --------------------------------------------------------------------------------------
+
+
+def build_manifest(folder: Path) -> dict:
+    """sha256 and size of every file under ``folder`` (except the manifest) and their digest."""
+    folder = Path(folder)
+    files = folder_files(folder)
+    return {"digest": combine_digests(files),
+            "files": {name: {"sha256": files[name], "size": (folder / name).stat().st_size} for name in files}}
 
 
 def read_manifest(folder: Path) -> dict | None:
     try:
         return json.loads((Path(folder) / MANIFEST_NAME).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
         return None
+
+
+def local_copy_is_whole(folder: Path, digest: str, deep: bool = False) -> bool:
+    """Manifest present with this digest and every file at its size; ``deep`` re-hashes every file."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None or manifest["digest"] != digest:
+        return False
+    for name, info in manifest["files"].items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != info["size"]:
+            return False
+    return not deep or combine_digests(folder_files(folder)) == digest
+
+
+def _fetch_local(uri: str) -> Path:
+    folder = Path(uri)
+    if read_manifest(folder) is None:
+        raise FileNotFoundError(f"no published artifact at {uri} (missing {MANIFEST_NAME})")
+    return folder
+
+
+def _published_digest_local(uri: str) -> str | None:
+    manifest = read_manifest(Path(uri))
+    return manifest["digest"] if manifest else None
 
 
 class LocalStore:
@@ -63,36 +128,21 @@ class LocalStore:
             shutil.copytree(local_dir, staging)
             shutil.rmtree(dest, ignore_errors=True)
             staging.rename(dest)
-        files = folder_files(dest)
-        sizes = {name: (dest / name).stat().st_size for name in files}
-        manifest = {"digest": combine_digests(files), "files": {n: {"sha256": files[n], "size": sizes[n]} for n in files}}
-        atomic_write_text(dest / MANIFEST_NAME, json.dumps(manifest, indent=1))
+        atomic_write_text(dest / MANIFEST_NAME, json.dumps(build_manifest(dest), indent=1))
         return str(dest)
 
     def published_digest(self, uri: str) -> str | None:
         """The digest recorded when ``uri`` was published, or None if it never was."""
-        manifest = read_manifest(Path(uri))
-        return manifest["digest"] if manifest else None
+        return _published_digest_local(uri)
 
     def verify(self, uri: str, digest: str, deep: bool = False) -> bool:
         """Complete and unchanged: manifest present with this digest, every file at its size.
 
         ``deep`` re-hashes every file (slow for large checkpoints)."""
-        folder = Path(uri)
-        manifest = read_manifest(folder)
-        if manifest is None or manifest["digest"] != digest:
-            return False
-        for name, info in manifest["files"].items():
-            path = folder / name
-            if not path.is_file() or path.stat().st_size != info["size"]:
-                return False
-        return not deep or combine_digests(folder_files(folder)) == digest
+        return local_copy_is_whole(Path(uri), digest, deep)
 
     def fetch(self, uri: str) -> Path:
-        folder = Path(uri)
-        if read_manifest(folder) is None:
-            raise FileNotFoundError(f"no published artifact at {uri} (missing {MANIFEST_NAME})")
-        return folder
+        return _fetch_local(uri)
 
     def write_ref(self, key: str, ref: BaseModel) -> str:
         path = self.path / REFS_DIR / f"{key}.json"
@@ -104,3 +154,307 @@ class LocalStore:
         if not path.is_file():
             return None
         return cls.model_validate_json(path.read_text())
+
+
+# --------------------------------------------------------------------------------------
+# S3
+# --------------------------------------------------------------------------------------
+
+DEFAULT_MAX_ATTEMPTS = 5  # when neither AWS_MAX_ATTEMPTS nor the profile's max_attempts says otherwise
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/key`` -> ``("bucket", "some/key")`` (no leading or trailing slash)."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri}")
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise ValueError(f"no bucket in {uri}; expected s3://bucket/prefix")
+    return bucket, key.strip("/")
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+def default_transfer_config():
+    """Multipart above 64 MiB in 64 MiB parts (10,000 parts: files up to 640 GiB), 8 in flight."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=64 * MiB, multipart_chunksize=64 * MiB, max_concurrency=8)
+
+
+def s3_client():
+    """An S3 client from boto3's standard configuration, with retries (jittered exponential
+    backoff in botocore's ``standard`` mode) on throttling, 5xx and connection errors."""
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session()
+    retries = {"mode": session._session.get_config_variable("retry_mode") or "standard",
+               "total_max_attempts": max_attempts(session)}
+    return session.client("s3", config=Config(retries=retries))
+
+
+def max_attempts(session=None) -> int:
+    """AWS_MAX_ATTEMPTS or the profile's ``max_attempts`` when set, else DEFAULT_MAX_ATTEMPTS."""
+    import boto3
+
+    session = session or boto3.session.Session()
+    return int(session._session.get_config_variable("max_attempts") or DEFAULT_MAX_ATTEMPTS)
+
+
+class S3Store:
+    """Artifacts under ``s3://bucket/prefix``; URIs are ``s3://bucket/prefix/<key>``.
+
+    Stages work in local folders (``stage_dir``) under ``work_dir/stages/<bucket>/<prefix>``
+    and read artifacts through ``fetch``, which downloads into ``work_dir/artifacts/<digest>``
+    once and checks every file's sha256 against the manifest. Local paths are accepted
+    wherever a URI is (a published stage folder carries its manifest too).
+    """
+
+    def __init__(self, root: str, work_dir: str | Path | None = None, transfer_config=None, client=None):
+        self.bucket, self.prefix = parse_s3_uri(root)
+        self.root = f"s3://{_join(self.bucket, self.prefix)}"
+        self.work = Path(work_dir).expanduser().resolve() if work_dir else work_root()
+        self.transfer_config = transfer_config or default_transfer_config()
+        self._client = client  # created on first use: opening a store touches neither network nor credentials
+        self._bucket_checked = False
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = s3_client()
+        return self._client
+
+    # ----- paths and URIs
+
+    def uri(self, key: str) -> str:
+        return f"s3://{_join(self.bucket, self.prefix, key)}"
+
+    def stage_dir(self, stage: str, name: str) -> Path:
+        folder = self.work / "stages" / self.bucket / self.prefix / stage / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    # ----- errors
+
+    @contextmanager
+    def _errors(self, doing: str, bucket: str, key: str) -> Iterator[None]:
+        """Turn botocore's exceptions into one StoreError naming the bucket, the key and a fix."""
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectionError,
+            HTTPClientError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+        from s3transfer.exceptions import RetriesExceededError
+
+        where = f"s3://{_join(bucket, key)}"
+        endpoint = self.client.meta.endpoint_url
+        try:
+            yield
+        except (NoCredentialsError, PartialCredentialsError) as e:
+            raise StoreError(
+                f"{doing} {where}: no usable AWS credentials ({e}). Configure boto3's credential chain: "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or an instance/SSO role."
+            ) from e
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "NoSuchBucket":
+                raise StoreError(f"{doing} {where}: bucket '{bucket}' does not exist at {endpoint}; "
+                                 "create it or fix FACTORY_ARTIFACT_ROOT") from e
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                        "InvalidClientTokenId", "TokenRefreshRequired"):
+                raise StoreError(f"{doing} {where}: {endpoint} rejected the AWS credentials ({code}); "
+                                 "check the access key and secret boto3 found (AWS_* variables or AWS_PROFILE)") from e
+            if code in ("AccessDenied", "AllAccessDisabled", "Forbidden", "403") or status == 403:
+                raise StoreError(f"{doing} {where}: access denied by {endpoint}; the credentials in use "
+                                 f"lack permission on bucket '{bucket}' (key '{key}')") from e
+            raise StoreError(f"{doing} {where} failed at {endpoint}: {code or status} "
+                             f"{e.response.get('Error', {}).get('Message', '')}".rstrip()) from e
+        except (ConnectionError, HTTPClientError, RetriesExceededError) as e:
+            attempts = self.client.meta.config.retries.get("total_max_attempts")
+            raise StoreError(f"{doing} {where}: S3 endpoint {endpoint} unreachable after {attempts} attempts "
+                             f"with backoff ({type(e).__name__}: {e})") from e
+        except BotoCoreError as e:
+            raise StoreError(f"{doing} {where}: {type(e).__name__}: {e}") from e
+
+    def _check_bucket(self) -> None:
+        """Before the first write: fail on a missing or forbidden bucket before uploading anything."""
+        if self._bucket_checked:
+            return
+        with self._errors("opening", self.bucket, self.prefix):
+            # A listing rather than HEAD: HEAD answers carry only a status code, a listing says
+            # NoSuchBucket, AccessDenied or InvalidAccessKeyId; publishing lists the prefix anyway.
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix + "/", MaxKeys=1)
+        self._bucket_checked = True
+
+    # ----- manifests
+
+    def _read_manifest(self, bucket: str, key: str) -> dict | None:
+        body = self._get(bucket, _join(key, MANIFEST_NAME), "reading the manifest of")
+        return json.loads(body) if body is not None else None
+
+    def _get(self, bucket: str, key: str, doing: str) -> bytes | None:
+        """An object's bytes, or None when it does not exist (a missing bucket is an error)."""
+        from botocore.exceptions import ClientError
+
+        with self._errors(doing, bucket, key):
+            try:
+                return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+
+    def _list(self, bucket: str, prefix: str) -> dict[str, int]:
+        """Relative name -> size of every object under ``prefix/``."""
+        objects = {}
+        with self._errors("listing", bucket, prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+                for obj in page.get("Contents", []):
+                    objects[obj["Key"][len(prefix) + 1 :]] = obj["Size"]
+        return objects
+
+    # ----- the protocol
+
+    def publish(self, local_dir: Path, key: str) -> str:
+        """Upload ``local_dir`` to ``<root>/<key>``: the files (multipart when large, retried),
+        then stale files removed, then the manifest last. Files already there with the same
+        sha256 are kept, so publishing again after a failure uploads only what is missing."""
+        from boto3.s3.transfer import ProgressCallbackInvoker, create_transfer_manager
+
+        local_dir = Path(local_dir).resolve()
+        manifest = build_manifest(local_dir)
+        dest = _join(self.prefix, key)
+        self._check_bucket()
+
+        current = self._read_manifest(self.bucket, dest)
+        if current is None or current["digest"] != manifest["digest"] or not self._objects_match(dest, manifest):
+            if current is not None:  # unpublish first: no reader mixes old and new files
+                with self._errors("unpublishing", self.bucket, dest):
+                    self.client.delete_object(Bucket=self.bucket, Key=_join(dest, MANIFEST_NAME))
+            present = self._list(self.bucket, dest)
+            todo = [n for n, info in manifest["files"].items() if not self._same_object(dest, n, info, present)]
+            total = sum(manifest["files"][n]["size"] for n in todo)
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"upload {key}", disable=None, leave=False) as bar:
+                with self._errors("uploading to", self.bucket, dest):
+                    with create_transfer_manager(self.client, self.transfer_config) as manager:
+                        futures = [manager.upload(str(local_dir / n), self.bucket, _join(dest, n),
+                                                  extra_args={"Metadata": {"sha256": manifest["files"][n]["sha256"]}},
+                                                  subscribers=[ProgressCallbackInvoker(bar.update)])
+                                   for n in todo]
+                        for future in futures:
+                            future.result()
+            stale = [n for n in present if n not in manifest["files"] and n != MANIFEST_NAME]
+            with self._errors("removing stale files from", self.bucket, dest):
+                for start in range(0, len(stale), 1000):
+                    batch = [{"Key": _join(dest, n)} for n in stale[start : start + 1000]]
+                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            with self._errors("writing the manifest of", self.bucket, dest):
+                self.client.put_object(Bucket=self.bucket, Key=_join(dest, MANIFEST_NAME),
+                                       Body=json.dumps(manifest, indent=1).encode(), ContentType="application/json")
+        if local_dir.is_relative_to(self.work):  # the working copy is now a published twin: readable as-is
+            atomic_write_text(local_dir / MANIFEST_NAME, json.dumps(manifest, indent=1))
+        return self.uri(key)
+
+    def _same_object(self, dest: str, name: str, info: dict, present: dict[str, int]) -> bool:
+        """Already uploaded: same size, and the sha256 recorded at upload equals the file's."""
+        if present.get(name) != info["size"]:
+            return False
+        with self._errors("checking", self.bucket, _join(dest, name)):
+            head = self.client.head_object(Bucket=self.bucket, Key=_join(dest, name))
+        return head.get("Metadata", {}).get("sha256") == info["sha256"]
+
+    def _objects_match(self, dest: str, manifest: dict) -> bool:
+        present = self._list(self.bucket, dest)
+        return all(present.get(n) == info["size"] for n, info in manifest["files"].items())
+
+    def published_digest(self, uri: str) -> str | None:
+        """The digest recorded when ``uri`` was published, or None if it never was."""
+        if not uri.startswith("s3://"):
+            return _published_digest_local(uri)
+        manifest = self._read_manifest(*parse_s3_uri(uri))
+        return manifest["digest"] if manifest else None
+
+    def verify(self, uri: str, digest: str, deep: bool = False) -> bool:
+        """Manifest present with this digest and every file there at its size.
+
+        ``deep`` streams every object and re-hashes it (slow for large checkpoints)."""
+        if not uri.startswith("s3://"):
+            return local_copy_is_whole(Path(uri), digest, deep)
+        bucket, key = parse_s3_uri(uri)
+        manifest = self._read_manifest(bucket, key)
+        if manifest is None or manifest["digest"] != digest:
+            return False
+        present = self._list(bucket, key)
+        if any(present.get(n) != info["size"] for n, info in manifest["files"].items()):
+            return False
+        if deep:
+            import hashlib
+
+            for name, info in manifest["files"].items():
+                sha = hashlib.sha256()
+                with self._errors("re-hashing", bucket, _join(key, name)):
+                    for chunk in self.client.get_object(Bucket=bucket, Key=_join(key, name))["Body"].iter_chunks(MiB):
+                        sha.update(chunk)
+                if sha.hexdigest() != info["sha256"]:
+                    return False
+        return True
+
+    def fetch(self, uri: str) -> Path:
+        """A local, checked copy of the artifact at ``uri``, downloaded once per digest."""
+        if not uri.startswith("s3://"):
+            return _fetch_local(uri)
+        from boto3.s3.transfer import ProgressCallbackInvoker, create_transfer_manager
+
+        bucket, key = parse_s3_uri(uri)
+        manifest = self._read_manifest(bucket, key)
+        if manifest is None:
+            raise FileNotFoundError(f"no published artifact at {uri} (missing {MANIFEST_NAME})")
+        dest = self.work / "artifacts" / manifest["digest"]
+        if local_copy_is_whole(dest, manifest["digest"]):
+            return dest
+        shutil.rmtree(dest, ignore_errors=True)  # an older copy someone damaged
+        partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        total = sum(info["size"] for info in manifest["files"].values())
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {key}", disable=None, leave=False) as bar:
+            with self._errors("downloading", bucket, key):
+                with create_transfer_manager(self.client, self.transfer_config) as manager:
+                    futures = []
+                    for name in manifest["files"]:
+                        (partial / name).parent.mkdir(parents=True, exist_ok=True)
+                        futures.append(manager.download(bucket, _join(key, name), str(partial / name),
+                                                        subscribers=[ProgressCallbackInvoker(bar.update)]))
+                    for future in futures:
+                        future.result()
+        for name, info in manifest["files"].items():
+            if file_digest(partial / name) != info["sha256"]:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise StoreError(f"downloading {uri}: {name} does not match its manifest sha256; the artifact "
+                                 "changed while it was read (republished?) or is corrupt. Fetch it again.")
+        atomic_write_text(partial / MANIFEST_NAME, json.dumps(manifest, indent=1))
+        try:
+            partial.rename(dest)
+        except OSError:  # another process fetched the same digest first
+            shutil.rmtree(partial, ignore_errors=True)
+            if not local_copy_is_whole(dest, manifest["digest"]):
+                raise
+        return dest
+
+    def write_ref(self, key: str, ref: BaseModel) -> str:
+        self._check_bucket()
+        dest = _join(self.prefix, REFS_DIR, f"{key}.json")
+        with self._errors("writing the ref", self.bucket, dest):
+            self.client.put_object(Bucket=self.bucket, Key=dest, Body=ref.model_dump_json(indent=1).encode(),
+                                   ContentType="application/json")
+        return f"s3://{_join(self.bucket, dest)}"
+
+    def read_ref(self, key: str, cls: type[BaseModel]) -> BaseModel | None:
+        body = self._get(self.bucket, _join(self.prefix, REFS_DIR, f"{key}.json"), "reading the ref")
+        return cls.model_validate_json(body) if body is not None else None
