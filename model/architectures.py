@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig, PreTrainedModel
 
-from model import nemotron_h
+from model import hymba, nemotron_h
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,16 @@ FAMILIES: dict[str, Family] = {
         config_problems=nemotron_h.config_problems,
         summarize=nemotron_h.summarize,
         model_class=nemotron_h.NemotronHForCausalLM,
+    ),
+    # Our own HF model (model/hymba/): importing it registers the Auto classes.
+    "hymba": Family(
+        name="hymba",
+        presets=hymba.PRESETS,
+        config_fields=hymba.CONFIG_FIELDS,
+        build_config=hymba.build_config,
+        config_problems=hymba.config_problems,
+        summarize=hymba.summarize,
+        model_class=hymba.HymbaForCausalLM,
     ),
 }
 

@@ -1,0 +1,109 @@
+"""Hymba checkpoints: save -> load in a fresh process, through the project's Auto classes and
+through ``trust_remote_code`` from the folder alone; and `factory pretrain` on a Hymba recipe."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from model.hymba import HymbaForCausalLM, build_config
+
+from .conftest import recipe_dict, run_factory, write_recipe
+
+PROMPT = [[5, 17, 42, 7, 99, 3]]
+
+# Run in a fresh interpreter: load FOLDER, print the greedy continuation of PROMPT and its last logits as JSON.
+LOADER = textwrap.dedent("""
+    import json, sys
+    import torch
+
+    folder, mode, prompt = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    if mode == "remote":
+        # Prove the folder is enough: refuse every import of the project's packages.
+        class BlockProject:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {"model", "flows", "registry", "compression", "sdg", "tasks"}:
+                    raise ImportError(f"project package {name} must not be needed")
+        sys.meta_path.insert(0, BlockProject())
+    else:
+        import model.architectures  # registers the Auto classes
+
+    from transformers import AutoModelForCausalLM
+
+    net = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=(mode == "remote")).eval()
+    prompt = torch.tensor(prompt)
+    with torch.no_grad():
+        logits = net(input_ids=prompt, use_cache=False).logits[0, -1]
+        generated = net.generate(prompt, max_new_tokens=8, do_sample=False)
+    print(json.dumps({"class": type(net).__module__ + "." + type(net).__name__,
+                      "logits": logits.tolist(), "generated": generated[0].tolist(),
+                      "project_loaded": any(m == "model" or m.startswith("model.") for m in sys.modules)}))
+""")
+
+
+def load_in_fresh_process(folder, mode: str, cwd) -> dict:
+    script = cwd / "load.py"
+    script.write_text(LOADER)
+    result = subprocess.run([sys.executable, str(script), str(folder), mode, json.dumps(PROMPT)], cwd=cwd,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_save_load_round_trip_in_a_fresh_process(tmp_path):
+    torch.manual_seed(0)
+    net = HymbaForCausalLM(build_config("micro", {"initializer_range": 0.1})).eval()
+    saved = tmp_path / "saved"
+    net.save_pretrained(saved)
+    config = json.loads((saved / "config.json").read_text())
+    assert config["model_type"] == "hymba"
+    assert config["auto_map"] == {"AutoConfig": "configuration_hymba.HymbaConfig",
+                                  "AutoModelForCausalLM": "modeling_hymba.HymbaForCausalLM"}
+    prompt = torch.tensor(PROMPT)
+    with torch.no_grad():
+        expected_logits = net(input_ids=prompt, use_cache=False).logits[0, -1]
+        expected_ids = net.generate(prompt, max_new_tokens=8, do_sample=False)[0].tolist()
+
+    # 1. Inside the project: the registered Auto classes, no remote code.
+    local = load_in_fresh_process(saved, "project", tmp_path)
+    assert local["class"] == "model.hymba.modeling_hymba.HymbaForCausalLM"
+    # 2. Elsewhere: a copy of the folder, trust_remote_code, and no project package importable.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(saved, elsewhere / "hymba-micro")
+    remote = load_in_fresh_process(elsewhere / "hymba-micro", "remote", elsewhere)
+    assert remote["class"].startswith("transformers_modules.") and not remote["project_loaded"]
+
+    for loaded in (local, remote):
+        torch.testing.assert_close(torch.tensor(loaded["logits"]), expected_logits, rtol=1e-5, atol=1e-5)
+        assert loaded["generated"] == expected_ids
+
+
+def test_factory_pretrains_a_hymba_recipe(corpus_dir, tmp_path):
+    recipe = recipe_dict(corpus_dir, name="hymba-micro", model={"family": "hymba", "preset": "micro"},
+                         train={"steps": 8, "lr": 1e-2, "checkpoint_every": 4, "eval_every": 4})
+    path = write_recipe(tmp_path / "hymba-micro.yaml", recipe)
+    root = tmp_path / "artifacts"
+
+    validated = run_factory("validate", str(path), root=root)
+    assert "hymba preset micro, 6 layers GWGWwG" in validated.stdout
+
+    result = run_factory("pretrain", str(path), root=root)
+    folder = Path(result.stdout.strip().splitlines()[-1])  # the published model folder
+    history = json.loads((folder / "training_history.json").read_text())
+    losses = [r["loss"] for r in history["history"]]
+    assert losses[-1] < losses[0], losses
+    import model.architectures  # noqa: F401  registers the Auto classes in this process
+
+    net = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(net) is HymbaForCausalLM and net.config.num_hidden_layers == 6
+    with torch.no_grad():
+        out = net.generate(torch.tensor(PROMPT), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, len(PROMPT[0]) + 4)
