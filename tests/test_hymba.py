@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from flows.recipe import RecipeError, parse_recipe
 from model.hymba import PRESETS, HymbaConfig, HymbaForCausalLM, build_config, cache_bytes, summarize
 from model.hymba.configuration_hymba import config_problems
-from model.hymba.modeling_hymba import HymbaAttention, HymbaCache, ssd_chunked, ssd_step
+from model.hymba.modeling_hymba import (
+    ForwardContext,
+    HymbaAttention,
+    HymbaCache,
+    rotary_tables,
+    ssd_chunked,
+    ssd_step,
+)
 
 from .conftest import recipe_dict
 
@@ -173,7 +180,8 @@ def test_meta_tokens_are_attended_by_the_last_token_beyond_the_window():
     v = torch.randn(1, length, config.num_key_value_heads * config.v_head_dim)
 
     def last_output(values):
-        return attention(q, k, values, positions, None, {})[0, -1]
+        context = ForwardContext(positions, *rotary_tables(positions, config.head_dim, config.rope_theta), meta)
+        return attention(q, k, values, context, layer_cache=None)[0, -1]
 
     base = last_output(v)
     changed_meta, changed_far, changed_near = v.clone(), v.clone(), v.clone()

@@ -102,8 +102,10 @@ def test_factory_pretrains_a_hymba_recipe(corpus_dir, tmp_path):
     assert losses[-1] < losses[0], losses
     import model.architectures  # noqa: F401  registers the Auto classes in this process
 
-    net = AutoModelForCausalLM.from_pretrained(folder)
+    net = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert type(net) is HymbaForCausalLM and net.config.num_hidden_layers == 6
     with torch.no_grad():
-        out = net.generate(torch.tensor(PROMPT), max_new_tokens=4, do_sample=False)
-    assert out.shape == (1, len(PROMPT[0]) + 4)
+        expected = net.generate(torch.tensor(PROMPT), max_new_tokens=8, do_sample=False)[0].tolist()
+    # The factory's output folder is a checkpoint in its own right: it loads without the project.
+    remote = load_in_fresh_process(folder, "remote", tmp_path)
+    assert not remote["project_loaded"] and remote["generated"] == expected

@@ -34,6 +34,7 @@ torch and transformers (and, lazily on CUDA, the optional kernels).
 
 import importlib.util
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -153,12 +154,17 @@ def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
 # --------------------------------------------------------------------------------------
 
 
-def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """RoPE (rotate-half convention) at absolute ``positions``. x (b, heads, L, d), positions (L,)."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / theta ** (torch.arange(half, device=x.device, dtype=torch.float32) / half)  # (d/2,)
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos and sin at absolute ``positions`` (L,): two (L, head_dim/2) float32 tables."""
+    half = head_dim // 2
+    inv_freq = 1.0 / theta ** (torch.arange(half, device=positions.device, dtype=torch.float32) / half)
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (L, d/2)
-    cos, sin = angles.cos(), angles.sin()
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + d/2) of x (b, heads, L, d) (the rotate-half convention)."""
+    half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
@@ -172,6 +178,28 @@ def attention_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, n
     if window is not None:
         allowed &= (offset < window) | (key_positions[None, :] < num_meta)
     return allowed
+
+
+@dataclass
+class ForwardContext:
+    """What one forward pass computes once and every layer reads."""
+
+    positions: torch.Tensor  # (L,) absolute positions of this forward's rows, meta tokens counted
+    cos: torch.Tensor  # (L, head_dim/2) RoPE tables at those positions
+    sin: torch.Tensor
+    num_meta: int
+    shared_kv: dict = field(default_factory=dict)  # producer layer -> (keys, values, key positions)
+    masks: dict = field(default_factory=dict)
+
+    def mask(self, key_positions: torch.Tensor, window: int | None, repeats: int) -> torch.Tensor:
+        """attention_mask with its rows repeated ``repeats`` times, (repeats*L, S). Within one
+        forward every layer of one kind (global or window) holds the same key positions, so
+        (window, S) names the mask."""
+        key = (window, key_positions.shape[0], repeats)
+        if key not in self.masks:
+            mask = attention_mask(self.positions, key_positions, self.num_meta, window)
+            self.masks[key] = mask.repeat(repeats, 1)
+        return self.masks[key]
 
 
 # --------------------------------------------------------------------------------------
@@ -308,7 +336,7 @@ class HymbaRMSNormGated(nn.Module):
 class HymbaAttention(nn.Module):
     """The attention heads of a hybrid layer: takes q, k, v from the shared projection (no
     projections of its own), applies RoPE and GQA, and normalises its output (weight = b1).
-    A KV consumer gets its producer's post-RoPE K/V from ``shared_kv`` and computes none."""
+    A KV consumer gets its producer's post-RoPE K/V from the forward context and computes none."""
 
     def __init__(self, config: HymbaConfig, layer_idx: int):
         super().__init__()
@@ -318,30 +346,32 @@ class HymbaAttention(nn.Module):
         self.window = config.layer_window(layer_idx)
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim, self.v_head_dim = config.head_dim, config.v_head_dim
-        self.num_meta, self.rope_theta = config.num_meta_tokens, config.rope_theta
         self.norm = HymbaRMSNorm(config.num_attention_heads * config.v_head_dim, config.rms_norm_eps)
 
-    def forward(self, q, k, v, positions, layer_cache: HymbaLayerCache | None, shared_kv: dict) -> torch.Tensor:
+    def forward(self, q, k, v, context: ForwardContext, layer_cache: HymbaLayerCache | None) -> torch.Tensor:
         # q (b, L, heads*head_dim); k (b, L, kv_heads*head_dim), v (b, L, kv_heads*v_head_dim), empty on consumers
         batch, length = q.shape[:2]
-        q = apply_rotary(q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2), positions,
-                         self.rope_theta)  # (b, heads, L, head_dim)
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (b, heads, L, head_dim)
+        q = apply_rotary(q, context.cos, context.sin)
         if self.owns_kv:
-            k = apply_rotary(k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2), positions,
-                             self.rope_theta)  # (b, kv_heads, L, head_dim)
+            k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (b, kv_heads, L, head_dim)
+            k = apply_rotary(k, context.cos, context.sin)
             v = v.view(batch, length, self.num_kv_heads, self.v_head_dim).transpose(1, 2)  # (b, kv_heads, L, v_head_dim)
-            key_positions = positions
+            key_positions = context.positions
             if layer_cache is not None:
-                k, v, key_positions = layer_cache.update_kv(k, v, positions)
-            shared_kv[self.layer_idx] = (k, v, key_positions)
+                k, v, key_positions = layer_cache.update_kv(k, v, key_positions)
+            context.shared_kv[self.layer_idx] = (k, v, key_positions)
         else:
-            k, v, key_positions = shared_kv[self.kv_producer]
+            k, v, key_positions = context.shared_kv[self.kv_producer]
 
+        # GQA without copying K/V: the `groups` query heads of one KV head become groups x L query
+        # rows against that head (heads are KV-major: head h reads KV head h // groups).
         groups = self.num_heads // self.num_kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (b, heads, S, .)
-        mask = attention_mask(positions, key_positions, self.num_meta, self.window)  # (L, S)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, heads, L, v_head_dim)
-        return self.norm(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.v_head_dim))
+        q = q.reshape(batch, self.num_kv_heads, groups * length, self.head_dim)
+        mask = context.mask(key_positions, self.window, repeats=groups)  # (groups*L, S)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, kv_heads, groups*L, v_head_dim)
+        out = out.view(batch, self.num_heads, length, self.v_head_dim).transpose(1, 2)  # (b, L, heads, v_head_dim)
+        return self.norm(out.reshape(batch, length, self.num_heads * self.v_head_dim))
 
 
 class HymbaSSM(nn.Module):
@@ -395,8 +425,12 @@ class HymbaSSM(nn.Module):
         else:
             past = xBC.new_zeros(batch, self.conv_dim, self.conv_kernel - 1)
         conv_in = torch.cat([past, xBC.transpose(1, 2)], dim=-1)  # (b, conv_dim, K-1+L)
-        xBC = F.silu(F.conv1d(conv_in, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)).transpose(1, 2)
-        x, B, C = self._split_heads(xBC)  # (b, L, h, p), (b, L, h, n), (b, L, h, n)
+        if length == 1:  # one position: the conv is a dot product with the window (as Mamba2.step)
+            xBC = (conv_in * self.conv1d.weight[:, 0]).sum(-1, keepdim=True)  # (b, conv_dim, 1)
+            xBC = xBC + self.conv1d.bias[:, None] if self.conv1d.bias is not None else xBC
+        else:
+            xBC = F.conv1d(conv_in, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)  # (b, conv_dim, L)
+        x, B, C = self._split_heads(F.silu(xBC).transpose(1, 2))  # (b, L, h, p), (b, L, h, n), (b, L, h, n)
 
         # The scan runs in float32 whatever the autocast: exp(A*dt) over long spans needs it.
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -490,9 +524,9 @@ class HymbaHybridMixer(nn.Module):
         self.in_proj = nn.Linear(config.hidden_size, sum(self.split_sizes), bias=False)
         self.out_proj = nn.Linear(self.ssm.d_inner, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states, positions, layer_cache: HymbaLayerCache | None, shared_kv: dict) -> torch.Tensor:
+    def forward(self, hidden_states, context: ForwardContext, layer_cache: HymbaLayerCache | None) -> torch.Tensor:
         q, k, v, z, xBC, dt = self.in_proj(hidden_states).split(self.split_sizes, dim=-1)  # (b, L, .)
-        attention_out = self.attention(q, k, v, positions, layer_cache, shared_kv)  # (b, L, d_inner)
+        attention_out = self.attention(q, k, v, context, layer_cache)  # (b, L, d_inner)
         ssm_out = self.ssm(z, xBC, dt, layer_cache)  # (b, L, d_inner)
         return self.out_proj((attention_out + ssm_out) / 2)
 
@@ -519,10 +553,9 @@ class HymbaDecoderLayer(nn.Module):
         self.mlp = HymbaMLP(config)
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states, positions, cache: HymbaCache | None, shared_kv: dict) -> torch.Tensor:
+    def forward(self, hidden_states, context: ForwardContext, cache: HymbaCache | None) -> torch.Tensor:
         layer_cache = cache.layers[self.layer_idx] if cache is not None else None
-        hidden_states = hidden_states + self.mixer(self.input_layernorm(hidden_states), positions, layer_cache,
-                                                   shared_kv)
+        hidden_states = hidden_states + self.mixer(self.input_layernorm(hidden_states), context, layer_cache)
         return hidden_states + self.mlp(self.pre_mlp_layernorm(hidden_states))
 
 
@@ -592,10 +625,11 @@ class HymbaModel(HymbaPreTrainedModel):
             hidden_states = torch.cat([meta, hidden_states], dim=1)  # (b, M+L, D)
         start = 0 if first_forward else self.config.num_meta_tokens + cache.seen_tokens
         positions = torch.arange(start, start + hidden_states.shape[1], device=hidden_states.device)
+        cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
+        context = ForwardContext(positions, cos, sin, num_meta=self.config.num_meta_tokens)
 
-        shared_kv = {}  # producer layer -> (keys, values, key positions) of this forward, for its consumers
         for layer in self.layers:
-            hidden_states = layer(hidden_states, positions, cache, shared_kv)
+            hidden_states = layer(hidden_states, context, cache)
         hidden_states = self.norm(hidden_states)[:, num_meta:]  # drop the meta tokens: (b, L, D)
         if cache is not None:
             cache.seen_tokens += length
