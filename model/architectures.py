@@ -65,3 +65,28 @@ def format_parameters(count: int) -> str:
         if count >= scale:
             return f"{count / scale:.2f}{unit}"
     return str(count)
+
+
+CHECKPOINT_FILES = ("config.json", "tokenizer.json")
+
+
+def load_pretrained(path, device=None, dtype=None):
+    """A checkpoint folder as (model, tokenizer), with a clear error when files are missing.
+
+    Uses transformers' Auto classes, so any family registered with them loads."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no checkpoint folder at {path}")
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    if not any(path.glob("*.safetensors")):
+        missing.append("*.safetensors (weights)")
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path} is missing {', '.join(missing)}")
+    net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
+    if device is not None:
+        net.to(device)
+    return net, AutoTokenizer.from_pretrained(path)

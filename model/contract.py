@@ -109,6 +109,16 @@ class DataRef(BaseModel):
     lineage: Lineage
 
 
+class ArtifactRef(BaseModel):
+    """Any other stage output kept as files: importance scores, a search report."""
+
+    uri: str
+    digest: str
+    kind: str
+    lineage: Lineage
+    metadata: dict = Field(default_factory=dict)
+
+
 class ArtifactStore(Protocol):
     """Where stages keep their work and publish their results (see registry/store.py)."""
 

@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -63,3 +67,21 @@ def barrier(d: Dist) -> None:
 def teardown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ
+
+
+def launch_workers(module: str, launch: dict, num_processes: int, work_dir: Path) -> None:
+    """Run ``python -m module LAUNCH_FILE`` in ``num_processes`` processes with torchrun, and wait.
+
+    ``launch`` (JSON) tells each worker what to train; ``--standalone`` picks a free port."""
+    launch_file = Path(work_dir) / "launch.json"
+    from model.fsutil import atomic_write_text
+
+    atomic_write_text(launch_file, json.dumps(launch))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={num_processes}", "-m", module, str(launch_file)]
+    print("launching:", " ".join(command), file=sys.stderr)
+    subprocess.run(command, check=True)

@@ -181,8 +181,9 @@ def config_problems(config: NemotronHConfig) -> dict[str, str]:
             f"must be a multiple of num_key_value_heads ({config.num_key_value_heads}), "
             f"got {config.num_attention_heads}"
         )
-    if not config.layers_block_type:
-        problems["pattern"] = "needs at least one layer"
+    if "full_attention" not in config.layers_block_type:
+        # transformers' NemotronH asks an attention layer's cache for the sequence length.
+        problems["pattern"] = "needs at least one attention layer (*)"
     return problems
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import model.architectures
 import model.checkpoint
 import model.data
 import model.train
+from model import distributed
 from model.architectures import format_parameters, get_family
 from model.contract import ArchSummary, DataRef, Lineage, ModelRef, code_digest, json_digest
 from model.data import PackedTokens, is_validation, iter_documents, open_source, pack_split, source_digest
@@ -139,8 +139,8 @@ def run_pretrain(spec: PretrainSpec, inputs: dict[str, DataRef], store,
     data_dir = store.fetch(data_ref.uri)
     launch = {"spec": spec.model_dump(mode="json"), "data_dir": str(data_dir),
               "tokenizer_dir": str(store.fetch(data_ref.tokenizer_uri)), "work_dir": str(work_dir)}
-    if spec.train.num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        _launch_torchrun(launch, spec.train.num_processes, work_dir)
+    if spec.train.num_processes > 1 and not distributed.under_torchrun():
+        distributed.launch_workers("model.pretrain", launch, spec.train.num_processes, work_dir)
     else:
         _train_and_save(launch, callbacks)
 
@@ -176,17 +176,6 @@ def _train_and_save(launch: dict, callbacks: tuple[StepCallback, ...] = ()) -> N
         atomic_write_text(work_dir / MODEL_DIR / HISTORY_FILE, json.dumps({"metrics": metrics, "history": result["history"]}))
 
 
-def _launch_torchrun(launch: dict, num_processes: int, work_dir: Path) -> None:
-    launch_file = work_dir / "launch.json"
-    atomic_write_text(launch_file, json.dumps(launch))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={num_processes}", "-m", "model.pretrain", str(launch_file)]
-    print("launching:", " ".join(command), file=sys.stderr)
-    subprocess.run(command, check=True)
-
-
 if __name__ == "__main__":  # a torchrun worker
-    from model import distributed
-
     _train_and_save(json.loads(Path(sys.argv[1]).read_text()))
     distributed.teardown(distributed.setup("auto"))

@@ -191,12 +191,13 @@ def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir:
         record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": spec.batch_size * data.seq_len / elapsed, "tokens_seen": state["tokens_seen"]}
         if validation is not None and (record["step"] % spec.eval_every == 0 or record["step"] == spec.steps):
+            # Always next-token cross entropy, whatever the training loss: comparable across stages.
             record["val_loss"] = evaluate_loss(model, validation, validation_rows, spec.micro_batch_size,
-                                               loss_fn, d.device, spec.precision, d)
+                                               lm_loss, d.device, spec.precision, d)
         state["history"].append(record)
         if d.is_main:
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{lr:.2e}")
+            progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{lr:.2e}", refresh=False)
             for callback in callbacks:
                 callback(record)
         if record["step"] % spec.checkpoint_every == 0 or record["step"] == spec.steps:

@@ -1,0 +1,223 @@
+"""Activation importance of a Nemotron-H model (Minitron / Minitron-SSM).
+
+One calibration pass with forward hooks scores every width axis; depth is scored by the
+KL divergence of the logits with one layer removed (a pass per layer) and by the cheap
+cosine block importance taken in the same calibration pass.
+
+    axis                  where the hook reads                                   score shape
+    hidden ("embedding")  output of every block's RMSNorm (the mixer's input),  (hidden,)
+                          summed over layers
+    ffn.{i}               output of up_proj (pre-activation; or down_proj input) (intermediate,)
+    attention.{i}         attention output before o_proj, L2 per head            (num_heads,)
+    mamba.{i}             x slice of in_proj's output, before conv1d             (heads, head_dim)
+    layer_kl, layer_cosine                                                       (num_layers,)
+
+Mamba scores keep the full (heads, head_dim) matrix: channels are ranked by the L2 over
+heads, and heads on the channels a target keeps, so one set of scores serves every target.
+Scores are plain tensors in a dict, saved as safetensors and reused.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from compression.specs import ImportanceSpec
+from model.data import PackedTokens
+
+Scores = dict[str, torch.Tensor]
+
+
+class _ChannelStats:
+    """Running statistics of activations (batch, seq, channels) -> one score per channel."""
+
+    def __init__(self, aggregation: str):
+        self.aggregation = aggregation
+        self.total = self.total_sq = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().float()  # (B, L, C)
+        if self.aggregation == "variance":
+            first, second, n = x.sum((0, 1)), x.pow(2).sum((0, 1)), x.shape[0] * x.shape[1]
+        else:
+            per_sample = x.abs().mean(1)  # (B, C): mean over the sequence
+            first, second, n = per_sample.sum(0), per_sample.pow(2).sum(0), x.shape[0]
+        if self.total is None:
+            self.total, self.total_sq = first, second
+        else:
+            self.total, self.total_sq = self.total + first, self.total_sq + second
+        self.count += n
+
+    def score(self) -> torch.Tensor:
+        if self.aggregation == "l2_mean":
+            return self.total_sq.sqrt()  # L2 over the batch of per-sample means
+        mean = self.total / self.count
+        return mean if self.aggregation == "mean_mean" else self.total_sq / self.count - mean.pow(2)
+
+
+def _layers(net):
+    return net.model.layers
+
+
+@contextmanager
+def _hooks(handles: list):
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def calibration_rows(data: PackedTokens, samples: int, seed: int) -> list[int]:
+    """A seeded sample of whole rows (the padded last row is never used)."""
+    usable = len(data) - 1 if data.valid_tokens(len(data) - 1) < data.seq_len else len(data)
+    if usable < 1:
+        raise ValueError("no complete calibration sequence in the data")
+    order = torch.randperm(usable, generator=torch.Generator().manual_seed(seed))
+    return order[: min(samples, usable)].tolist()
+
+
+@torch.no_grad()
+def activation_scores(net, data: PackedTokens, spec: ImportanceSpec, device: torch.device | None = None) -> Scores:
+    """Width scores and cosine block importance from one calibration pass."""
+    device = device or next(net.parameters()).device
+    config = net.config
+    stats: dict[str, _ChannelStats] = {}
+    cosine_sum = torch.zeros(len(_layers(net)), dtype=torch.float64)
+    tokens = 0
+    handles = []
+
+    def record(key, transform=lambda x: x):
+        stats[key] = _ChannelStats(spec.aggregation)
+        return lambda module, args, output: stats[key].add(transform(output))
+
+    def record_input(key, transform=lambda x: x):
+        stats[key] = _ChannelStats(spec.aggregation)
+        return lambda module, args: stats[key].add(transform(args[0]))
+
+    d_inner = config.mamba_num_heads * config.mamba_head_dim
+    for i, block in enumerate(_layers(net)):
+        handles.append(block.norm.register_forward_hook(record(f"norm.{i}")))
+        mixer = block.mixer
+        if block.block_type == "mlp":
+            if spec.ffn_activation == "pre":
+                handles.append(mixer.up_proj.register_forward_hook(record(f"ffn.{i}")))
+            else:
+                handles.append(mixer.down_proj.register_forward_pre_hook(record_input(f"ffn.{i}")))
+        elif block.block_type == "full_attention":
+            heads, head_dim = config.num_attention_heads, mixer.head_dim
+
+            def per_head_norm(x, heads=heads, head_dim=head_dim):  # (B, L, H*D) -> (B, L, H)
+                return x.unflatten(-1, (heads, head_dim)).norm(dim=-1)
+
+            handles.append(mixer.o_proj.register_forward_pre_hook(record_input(f"attention.{i}", per_head_norm)))
+        elif block.block_type == "linear_attention":
+            # in_proj rows are z | x | B | C | dt; the paper scores the x slice (before conv1d).
+            handles.append(mixer.in_proj.register_forward_hook(
+                record(f"mamba.{i}", lambda out: out[..., d_inner : 2 * d_inner])))
+
+        def cosine(module, args, output, i=i):
+            cos = F.cosine_similarity(args[0].float(), output.float(), dim=-1)  # (B, L)
+            cosine_sum[i] += cos.sum().double().cpu()
+
+        handles.append(block.register_forward_hook(cosine))
+
+    was_training = net.training
+    net.eval()
+    rows = calibration_rows(data, spec.samples, spec.seed)
+    with _hooks(handles):
+        for start in tqdm(range(0, len(rows), spec.batch_size), desc="importance", leave=False):
+            input_ids, _ = data.batch(rows[start : start + spec.batch_size])
+            net(input_ids=input_ids.to(device))
+            tokens += input_ids.numel()
+    net.train(was_training)
+
+    scores: Scores = {}
+    hidden = None
+    for key, stat in stats.items():
+        value = stat.score().cpu()
+        if key.startswith("norm."):
+            hidden = value if hidden is None else hidden + value
+        elif key.startswith("mamba."):
+            scores[key] = value.view(config.mamba_num_heads, config.mamba_head_dim)
+        else:
+            scores[key] = value
+    scores["hidden"] = hidden
+    scores["layer_cosine"] = (1 - cosine_sum / tokens).float()  # block importance: 1 - E[cos(in, out)]
+    return scores
+
+
+@torch.no_grad()
+def layer_kl_scores(net, data: PackedTokens, spec: ImportanceSpec, device: torch.device | None = None) -> torch.Tensor:
+    """KL(full || without layer i) of the next-token distributions, mean per token, per layer."""
+    device = device or next(net.parameters()).device
+    layers = _layers(net)
+    kl = torch.zeros(len(layers), dtype=torch.float64)
+    tokens = 0
+    was_training = net.training
+    net.eval()
+    rows = calibration_rows(data, spec.layer_samples, spec.seed + 1)
+    for start in tqdm(range(0, len(rows), spec.batch_size), desc="layer KL", leave=False):
+        input_ids = data.batch(rows[start : start + spec.batch_size])[0].to(device)
+        full = F.log_softmax(net(input_ids=input_ids).logits.float(), dim=-1)
+        for i, block in enumerate(layers):
+            # A forward hook that returns the block's input removes the block from the residual stream.
+            handle = block.register_forward_hook(lambda module, args, output: args[0])
+            with _hooks([handle]):
+                skipped = F.log_softmax(net(input_ids=input_ids).logits.float(), dim=-1)
+            kl[i] += F.kl_div(skipped, full, log_target=True, reduction="sum").double().cpu()
+        tokens += input_ids.numel()
+    net.train(was_training)
+    return (kl / tokens).float()
+
+
+def random_scores(config, seed: int) -> Scores:
+    """Seeded noise with the shapes of real scores: the baseline importance must beat."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def noise(*shape):
+        return torch.rand(*shape, generator=generator)
+
+    scores: Scores = {"hidden": noise(config.hidden_size)}
+    for i, kind in enumerate(config.layers_block_type):
+        if kind == "mlp":
+            scores[f"ffn.{i}"] = noise(config.intermediate_size)
+        elif kind == "full_attention":
+            scores[f"attention.{i}"] = noise(config.num_attention_heads)
+        elif kind == "linear_attention":
+            scores[f"mamba.{i}"] = noise(config.mamba_num_heads, config.mamba_head_dim)
+    scores["layer_kl"] = noise(len(config.layers_block_type))
+    scores["layer_cosine"] = scores["layer_kl"].clone()
+    return scores
+
+
+def estimate_importance(net, data: PackedTokens, spec: ImportanceSpec) -> Scores:
+    """Every axis's scores for ``net`` on calibration rows of ``data`` (or seeded noise)."""
+    if spec.method == "random":
+        return random_scores(net.config, spec.seed)
+    scores = activation_scores(net, data, spec)
+    scores["layer_kl"] = layer_kl_scores(net, data, spec)
+    return scores
+
+
+def save_scores(scores: Scores, path: Path, metadata: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in scores.items()}, str(tmp), metadata={"factory": json.dumps(metadata)})
+    tmp.replace(path)
+
+
+def load_scores(path: Path) -> tuple[Scores, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = json.loads((f.metadata() or {}).get("factory", "{}"))
+    return load_file(str(path)), metadata

@@ -1,0 +1,136 @@
+"""Stages of ``compression/`` (the stage contract of model/contract.py).
+
+    run_importance(spec, {"teacher": ModelRef, "data": DataRef}, store) -> ArtifactRef (scores)
+    run_prune(spec, {"teacher": ModelRef, "scores": ArtifactRef}, store) -> ModelRef
+
+Scores are computed once per (teacher, calibration data, importance spec) and reused for
+every target. A model that did not come from the factory (``factory prune MODEL_DIR``)
+enters as an ``external`` ModelRef whose URI is its folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+import compression.importance
+import compression.prune
+from compression.importance import estimate_importance, load_scores, save_scores
+from compression.prune import prune
+from compression.specs import ImportanceSpec, PruneTarget
+from model.architectures import get_family, load_pretrained
+from model.contract import (
+    ArchSummary,
+    ArtifactRef,
+    DataRef,
+    Lineage,
+    ModelRef,
+    code_digest,
+    folder_digest,
+    json_digest,
+)
+from model.data import PackedTokens
+from model.pretrain import MODEL_DIR, stage_key
+from model.specs import Section
+
+EXTERNAL = "external"
+SCORES_FILE = "scores.safetensors"
+PRUNING_FILE = "pruning.json"  # in a pruned checkpoint: target, teacher digest, kept layers
+
+
+class PruneStageSpec(Section):
+    name: str
+    target: PruneTarget
+
+
+def external_model_ref(folder: str | Path) -> ModelRef:
+    """A ModelRef for a checkpoint folder the factory did not produce (digest of its files)."""
+    from transformers import AutoConfig
+
+    folder = Path(folder).resolve()
+    config = AutoConfig.from_pretrained(folder)
+    summary = get_family(config.model_type).summarize(config)
+    return ModelRef(uri=str(folder), digest=folder_digest(folder), architecture=ArchSummary(**summary),
+                    lineage=Lineage(stage=EXTERNAL, spec_digest="", code_digest=""))
+
+
+def model_folder(store, ref: ModelRef) -> Path:
+    return Path(ref.uri) if ref.lineage.stage == EXTERNAL else store.fetch(ref.uri)
+
+
+def run_importance(spec: ImportanceSpec, inputs: dict, store, recipe_name: str = "") -> ArtifactRef:
+    teacher: ModelRef = inputs["teacher"]
+    data: DataRef = inputs["data"]
+    code = code_digest(compression.importance)
+    key = stage_key("importance", spec, [teacher.digest, data.digest], code)
+    ref_key = f"importance/{recipe_name or 'model'}-{teacher.digest[:8]}-{key[:8]}"
+    cached = store.read_ref(ref_key, ArtifactRef)
+    if cached is not None and store.verify(cached.uri, cached.digest):
+        return cached
+
+    net, _ = load_pretrained(model_folder(store, teacher), dtype=torch.float32)
+    scores = estimate_importance(net, PackedTokens(store.fetch(data.uri), "train"), spec)
+    work = store.stage_dir("importance", ref_key.split("/", 1)[1])
+    metadata = {"teacher_digest": teacher.digest, "data_digest": data.digest, "spec": spec.model_dump(mode="json")}
+    save_scores(scores, work / SCORES_FILE, metadata)
+    uri = store.publish(work, ref_key)
+    ref = ArtifactRef(uri=uri, digest=store.published_digest(uri), kind="importance_scores", metadata=metadata,
+                      lineage=Lineage(stage="importance", spec_digest=json_digest(spec), code_digest=code,
+                                      parents=[teacher.digest, data.digest], recipe_name=recipe_name))
+    store.write_ref(ref_key, ref)
+    return ref
+
+
+def prune_checkpoint(teacher_dir: Path, out_dir: Path, scores, target: PruneTarget, provenance: dict) -> dict:
+    """Prune a checkpoint folder into ``out_dir`` (config, safetensors, tokenizer, pruning.json).
+
+    Returns the student's architecture summary."""
+    net, tokenizer = load_pretrained(teacher_dir, dtype=torch.float32)
+    student, plan = prune(net, scores, target)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    summary = get_family(student.config.model_type).summarize(student.config)
+    record = provenance | {"target": target.model_dump(mode="json", exclude_none=True),
+                           "kept_layers": plan.layers,
+                           "teacher_parameters": sum(p.numel() for p in net.parameters()),
+                           "student_parameters": summary["parameters"]}
+    (out_dir / PRUNING_FILE).write_text(json.dumps(record, indent=1))
+    return summary
+
+
+def run_prune(spec: PruneStageSpec, inputs: dict, store) -> ModelRef:
+    teacher: ModelRef = inputs["teacher"]
+    scores_ref: ArtifactRef = inputs["scores"]
+    code = code_digest(compression.prune, sys.modules[__name__])
+    key = stage_key("prune", spec, [teacher.digest, scores_ref.digest], code)
+    ref_key = f"prune/{spec.name}-{teacher.digest[:8]}-{key[:8]}"
+    cached = store.read_ref(ref_key, ModelRef)
+    if cached is not None and store.verify(cached.uri, cached.digest):
+        return cached
+
+    scores, _ = load_scores(store.fetch(scores_ref.uri) / SCORES_FILE)
+    work = store.stage_dir("prune", ref_key.split("/", 1)[1])
+    shutil.rmtree(work / MODEL_DIR, ignore_errors=True)
+    summary = prune_checkpoint(model_folder(store, teacher), work / MODEL_DIR, scores, spec.target,
+                               {"teacher_digest": teacher.digest, "scores_digest": scores_ref.digest})
+    uri = store.publish(work / MODEL_DIR, f"{ref_key}/{MODEL_DIR}")
+    ref = ModelRef(uri=uri, digest=store.published_digest(uri), architecture=ArchSummary(**summary),
+                   lineage=Lineage(stage="prune", spec_digest=json_digest(spec), code_digest=code,
+                                   parents=[teacher.digest, scores_ref.digest], recipe_name=spec.name))
+    store.write_ref(ref_key, ref)
+    return ref
+
+
+def load_scores_file(path: Path):
+    """Scores saved by run_importance or ``factory prune`` (``--scores``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SCORES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no scores file at {path}")
+    return load_scores(path)
