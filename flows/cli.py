@@ -45,6 +45,41 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_models_list(args) -> int:
+    """Every registered version: aliases, key metrics and lineage (MLFLOW_TRACKING_URI or the embedded default)."""
+    import json
+
+    from model.architectures import format_parameters
+    from registry.models import list_models
+
+    rows = list_models(args.name)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no registered models")
+        return 0
+    table = [("MODEL", "VERSION", "ALIASES", "STAGE", "PARAMS", "TOKENS", "PARENT", "EVAL", "METRICS", "DIGEST")]
+    for r in rows:
+        metrics = " ".join(f"{k}={v}" for k, v in r["metrics"].items() if k != "tokens_seen")
+        table.append((r["name"], r["version"], ",".join(r["aliases"]) or "-", r["stage"] or "-",
+                      format_parameters(int(r["parameters"])) if r["parameters"].isdigit() else "-",
+                      r["tokens_seen"] or "-", r["parent"] or "-", r["eval_status"] or "-", metrics or "-",
+                      r["digest"][:12] or "-"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_models_get(args) -> int:
+    """Download a registered checkpoint (NAME@ALIAS or NAME/VERSION) into OUT_DIR."""
+    from registry.models import download_model
+
+    print(download_model(args.model, args.out_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="factory", description="Hybrid Model Factory")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -56,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("pretrain", help="prepare data and pretrain the recipe's model")
     p.add_argument("recipe")
     p.set_defaults(func=cmd_pretrain)
+
+    models = commands.add_parser("models", help="registered models: list, get").add_subparsers(
+        dest="models_command", required=True, metavar="ACTION")
+    p = models.add_parser("list", help="versions with aliases, key metrics and lineage")
+    p.add_argument("name", nargs="?", help="only this registered model")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_models_list)
+    p = models.add_parser("get", help="download a registered checkpoint into OUT_DIR")
+    p.add_argument("model", metavar="NAME@ALIAS", help="NAME@ALIAS or NAME/VERSION (models:/ prefix optional)")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.set_defaults(func=cmd_models_get)
     return parser
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from model.architectures import format_parameters, get_family
 from model.pretrain import PretrainSpec, build_model_config
 from model.specs import DataSpec, FieldErrors, ModelSpec, TokenizerSpec, TrainSpec
+from registry.specs import RegisterSpec
 
 
 class Recipe(BaseModel):
@@ -29,6 +30,7 @@ class Recipe(BaseModel):
     tokenizer: TokenizerSpec = TokenizerSpec()
     model: ModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
+    registry: RegisterSpec = RegisterSpec()
 
     def pretrain_spec(self) -> PretrainSpec:
         return PretrainSpec(name=self.name, model=self.model, train=self.train)

@@ -122,3 +122,36 @@ def s3_env(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     return s3_server
+
+
+MLFLOW_ARTIFACT_BUCKET = "mlflow-artifacts"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 for the whole session: a SQLite backend and
+    artifacts proxied to ``s3://mlflow-artifacts/artifacts`` on the moto server (so clients
+    need no S3 credentials). Yields the tracking URI; starting it takes ~10-25 s."""
+    import boto3
+
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=MLFLOW_ARTIFACT_BUCKET)
+    env = dict(os.environ, **aws, AWS_ENDPOINT_URL=s3_server, MLFLOW_S3_ENDPOINT_URL=s3_server)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    port = free_port()
+    log = open(folder / "server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+         "--artifacts-destination", f"s3://{MLFLOW_ARTIFACT_BUCKET}/artifacts"],
+        cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{uri}/health", timeout=180, process=process)
+        yield uri
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()

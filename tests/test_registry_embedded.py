@@ -1,0 +1,116 @@
+"""The embedded default: no MLFLOW_TRACKING_URI, no server. MLflow on a SQLite file and
+artifacts in a local folder, both under the artifact root."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from flows.cli import main
+from flows.recipe import parse_recipe
+from model.contract import ArchSummary, DataRef, Lineage, ModelRef
+from model.pretrain import build_model_config, get_family
+from model.specs import ModelSpec
+from model.tokenizer import load_tokenizer, train_bpe
+from registry import models, tracking
+from registry.store import open_store
+
+from .conftest import recipe_dict, run_factory
+
+
+@pytest.fixture
+def embedded(tmp_path, monkeypatch):
+    """A laptop: FACTORY_ARTIFACT_ROOT a local folder, no tracking server, run from another folder."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "artifacts"
+    monkeypatch.setenv("FACTORY_ARTIFACT_ROOT", str(root))
+    monkeypatch.setenv("FACTORY_WORK_DIR", str(tmp_path / "work"))
+    monkeypatch.chdir(tmp_path)
+    return root
+
+
+def test_tracking_uri_defaults_to_sqlite_under_the_artifact_root(embedded, monkeypatch):
+    assert tracking.configure_tracking() == f"sqlite:///{embedded / 'mlflow.db'}"
+    monkeypatch.setenv("FACTORY_ARTIFACT_ROOT", "s3://bucket/prefix")  # remote root: local database, in the work dir
+    assert tracking.default_tracking_uri() == f"sqlite:///{embedded.parent / 'work' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert tracking.tracking_uri() == "http://mlflow.internal:5000"
+
+
+def test_parent_and_stage_runs_hold_recipe_metrics_data_and_system_metrics(embedded, corpus_dir, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    recipe = parse_recipe(recipe_dict(corpus_dir, name="embedded"))
+    data = DataRef(uri=str(embedded / "data/x"), digest="f" * 64, tokenizer_uri="/t", tokenizer_digest="t" * 64,
+                   source=str(corpus_dir), source_digest="s" * 64, seq_len=64, train_tokens=5000,
+                   validation_tokens=500, lineage=Lineage(stage="data", spec_digest="a", code_digest="b"))
+    with tracking.factory_run(recipe) as run_id:
+        with tracking.stage_run(run_id, "pretrain") as stage:
+            tracking.log_data_ref(stage, data)
+            log = tracking.metrics_callback(stage)
+            for step in range(1, 5):  # what model.train.train hands its callbacks
+                record = {"step": step, "loss": 6.0 - step / 2, "lr": 1e-3 * step, "grad_norm": 1.0,
+                          "tokens_per_s": 1000.0 + step, "tokens_seen": 512 * step}
+                if step % 2 == 0:
+                    record["val_loss"] = 6.5 - step / 2
+                log(record)
+            time.sleep(2)  # a few system-metric samples
+            tracking.log_report(stage, {"loss": 4.0, "tasks": {"hellaswag": 0.3}})
+        with pytest.raises(RuntimeError, match="stage broke"):
+            with tracking.stage_run(run_id, "evaluate", system_metrics=False):
+                raise RuntimeError("stage broke")
+
+    c = tracking.client()
+    parent = c.get_run(run_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "embedded"
+    assert parent.data.params["train.lr"] == "0.01" and parent.data.params["data.seq_len"] == "64"
+    assert parent.data.params["registry.key_metrics"] == '["val_loss", "final_loss", "tokens_seen"]'
+    assert parent.data.tags["factory.recipe_digest"] and parent.data.tags["factory.git_commit"]
+    stages = {r.info.run_name: r for r in c.search_runs([parent.info.experiment_id],
+                                                        f"tags.mlflow.parentRunId = '{run_id}'")}
+    assert set(stages) == {"pretrain", "evaluate"} and stages["evaluate"].info.status == "FAILED"
+    pretrain = stages["pretrain"]
+    assert [(m.step, m.value) for m in c.get_metric_history(pretrain.info.run_id, "loss")] == \
+        [(1, 5.5), (2, 5.0), (3, 4.5), (4, 4.0)]
+    assert [m.step for m in c.get_metric_history(pretrain.info.run_id, "val_loss")] == [2, 4]
+    assert {"tokens_per_s", "lr", "grad_norm", "tokens_seen"} <= set(pretrain.data.metrics)
+    assert "system/cpu_utilization_percentage" in pretrain.data.metrics
+    (data_input,) = pretrain.inputs.dataset_inputs
+    assert data_input.dataset.source_type == "local" and data_input.dataset.digest == "f" * 32
+    assert {t.key: t.value for t in data_input.tags} == {"mlflow.data.context": "training", "factory.digest": "f" * 64}
+    assert [a.path for a in c.list_artifacts(pretrain.info.run_id)] == ["report.json"]
+
+    assert (embedded / "mlflow.db").is_file() and (embedded / "mlartifacts" / "embedded").is_dir()
+    assert not (embedded.parent / "mlruns").exists()
+
+
+def test_register_and_resolve_without_a_server(embedded, corpus_dir, tmp_path, capsys):
+    tokenizer_dir = tmp_path / "tok"
+    train_bpe([p.read_text() for p in sorted(corpus_dir.glob("*.txt"))[:8]], 512).save_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = build_model_config(ModelSpec(preset="micro"), tokenizer)
+    torch.manual_seed(0)
+    folder = tmp_path / "ckpt"
+    get_family("nemotron_h").model_class(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+    store = open_store()
+    uri = store.publish(folder, "pretrain/micro/model")
+    ref = ModelRef(uri=uri, digest=store.published_digest(uri),
+                   architecture=ArchSummary(**get_family("nemotron_h").summarize(config)),
+                   lineage=Lineage(stage="pretrain", spec_digest="s", code_digest="c", recipe_name="micro"),
+                   metrics={"val_loss": 5.9})
+    version = models.register_checkpoint(ref, store, "micro-local", gate_passed=True)
+    assert (version.version, version.aliases) == ("1", ["candidate", "champion"])
+
+    local = models.resolve_checkpoint("models:/micro-local@champion")
+    assert local.name == ref.digest and (local / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    assert models.resolve_checkpoint(uri) == embedded / "pretrain/micro/model"
+    assert not (embedded.parent / "mlruns").exists()
+
+    # A fresh `factory` process finds the same registry from FACTORY_ARTIFACT_ROOT alone.
+    listed = run_factory("models", "list", root=embedded).stdout.splitlines()
+    assert listed[1].split()[:4] == ["micro-local", "1", "candidate,champion", "pretrain"]
+    assert main(["models", "get", "micro-local@nope", str(tmp_path / "out")]) == 1
+    assert "no model version 'models:/micro-local@nope'" in capsys.readouterr().err
