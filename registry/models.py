@@ -24,6 +24,7 @@ import importlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -42,6 +43,7 @@ LOGGED_MODEL_NAME = "checkpoint"
 MODEL_SUBDIR = "model"  # where the transformers flavor keeps the checkpoint folder's files
 TASK = "text-generation"
 DEFAULT_KEY_METRICS = ("val_loss", "final_loss", "tokens_seen")
+_LOGGING = threading.Lock()  # _pipeline_impl_as_class swaps a module attribute: one log at a time per process
 
 
 class ModelVersionRef(BaseModel):
@@ -202,7 +204,7 @@ def _log_checkpoint(c, folder: Path, run_id: str, experiment_id: str, digest: st
     # the process's active experiment (usually Default), whatever run it belongs to.
     logged = c.create_logged_model(experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id,
                                    tags={DIGEST_TAG: digest})
-    with _pipeline_impl_as_class():
+    with _LOGGING, _pipeline_impl_as_class():
         info = mlflow.transformers.log_model(transformers_model=str(folder), task=TASK, name=LOGGED_MODEL_NAME,
                                              run_id=run_id, model_id=logged.model_id,
                                              pip_requirements=_pip_requirements())

@@ -84,6 +84,7 @@ def aliases(name: str) -> dict[str, str]:
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # data preparation, 4 training steps, a `factory` subprocess
 def test_pretrained_checkpoint_on_s3_is_tracked_registered_listed_fetched_and_loads(server_store, corpus_dir,
                                                                                      tmp_path, capsys):
     store = server_store
