@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -86,6 +87,7 @@ def test_save_load_round_trip_in_a_fresh_process(tmp_path):
         assert loaded["generated"] == expected_ids
 
 
+@pytest.mark.slow  # data preparation, 8 training steps, a `factory` subprocess, a fresh loader process
 def test_factory_pretrains_a_hymba_recipe(corpus_dir, tmp_path):
     recipe = recipe_dict(corpus_dir, name="hymba-micro", model={"family": "hymba", "preset": "micro"},
                          train={"steps": 8, "lr": 1e-2, "checkpoint_every": 4, "eval_every": 4})
