@@ -80,6 +80,63 @@ def cmd_models_get(args) -> int:
     return 0
 
 
+EXIT_GATE_FAILED = 3
+
+
+def cmd_eval(args) -> int:
+    """Evaluate a checkpoint (folder, s3:// or models:/NAME@ALIAS) and write metrics.json, report.md, plots."""
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from flows.recipe import validation_problems
+    from model.evaluation.spec import EvaluateSpec
+    from model.evaluation.stage import evaluate_folders
+    from registry.store import artifact_root, open_store
+
+    def checkpoint(uri: str) -> Path:
+        if uri.startswith(("models:/", "s3://")):
+            from registry.models import resolve_checkpoint
+
+            return resolve_checkpoint(uri)
+        return Path(uri).expanduser()
+
+    recipe = _load_or_exit(args.recipe) if args.recipe else None
+    values = (recipe.evaluate if recipe else EvaluateSpec()).model_dump()
+    if args.tasks:
+        values["tasks"]["names"] = [t for arg in args.tasks for t in arg.split(",") if t]
+    if args.sections:
+        values["sections"] = [s for arg in args.sections for s in arg.split(",") if s]
+    try:
+        spec = EvaluateSpec.model_validate(values)
+    except ValidationError as e:
+        print("factory eval: invalid options", file=sys.stderr)
+        for path, message in validation_problems(e):
+            print(f"  {path}: {message}", file=sys.stderr)
+        return EXIT_INVALID
+    data_dir = Path(args.data) if args.data else None
+    if recipe is not None and data_dir is None and "quality" in spec.sections:
+        from model.pretrain import run_prepare_data
+
+        store = open_store()
+        data_dir = store.fetch(run_prepare_data(recipe.data, recipe.tokenizer, store, recipe.name).uri)
+
+    model_dir = checkpoint(args.model)
+    label = model_dir.parent.name if model_dir.name == "model" else model_dir.name
+    folders = {"teacher": checkpoint(args.teacher)} if args.teacher else {}
+    folders[label if label != "teacher" else "candidate"] = model_dir
+    out = Path(args.out) if args.out else Path(artifact_root()) / "eval" / label
+    evaluation = evaluate_folders(folders, spec, out, "teacher" if args.teacher else None, data_dir)
+    for name, metrics in evaluation.metrics.items():
+        shown = {k: v for k, v in metrics.items() if k in ("val_loss", "kl_to_teacher", "greedy_agreement",
+                                                          "mqar_accuracy", "passkey_accuracy") or "/acc" in k}
+        print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    for name, gate in evaluation.gates.items():
+        print(f"gate {name}: {'pass' if gate.passed else 'FAIL'}" + "".join(f"\n  {r}" for r in gate.reasons))
+    print(out / "report.md")
+    return 0 if all(g.passed for g in evaluation.gates.values()) else EXIT_GATE_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="factory", description="Hybrid Model Factory")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -102,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="NAME@ALIAS", help="NAME@ALIAS or NAME/VERSION (models:/ prefix optional)")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.set_defaults(func=cmd_models_get)
+
+    p = commands.add_parser("eval", help="evaluate a checkpoint: lm-eval tasks, recall, efficiency, quality; "
+                                         "exit 3 when a gate fails")
+    p.add_argument("model", metavar="MODEL", help="a checkpoint folder, s3://... or models:/NAME@ALIAS")
+    p.add_argument("--tasks", nargs="+", help="lm-eval task names (default: factory_local, generated offline)")
+    p.add_argument("--sections", nargs="+", help="any of quality, tasks, recall, efficiency (default: all)")
+    p.add_argument("--out", help="report folder (default: $FACTORY_ARTIFACT_ROOT/eval/<model name>)")
+    p.add_argument("--teacher", help="a teacher checkpoint: adds KL, greedy agreement, ratios and the gate")
+    p.add_argument("--data", help="a prepared data folder (meta.json + shards) for validation loss")
+    p.add_argument("--recipe", help="take the evaluate section (and the data) from this recipe")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

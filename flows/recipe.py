@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from model.architectures import format_parameters, get_family
+from model.evaluation.spec import EvaluateSpec
 from model.pretrain import PretrainSpec, build_model_config
 from model.specs import DataSpec, FieldErrors, ModelSpec, TokenizerSpec, TrainSpec
 from registry.specs import RegisterSpec
@@ -30,6 +31,7 @@ class Recipe(BaseModel):
     tokenizer: TokenizerSpec = TokenizerSpec()
     model: ModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
     registry: RegisterSpec = RegisterSpec()
 
     def pretrain_spec(self) -> PretrainSpec:
