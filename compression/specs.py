@@ -1,4 +1,5 @@
-"""Recipe sections read by ``compression/``: what to score, what to prune to.
+"""Recipe sections read by ``compression/``: ``compress`` (importance, a target or a search)
+and ``distill``.
 
 ``PruneTarget`` names the sizes of the student; fields left out keep the teacher's size.
 Whether a target fits a given teacher can only be checked against its config, so
@@ -9,9 +10,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from model.specs import Section, field_error
+from model.specs import Section, TrainSpec, field_error
 
 
 class ImportanceSpec(Section):
@@ -61,8 +62,84 @@ class PruneTarget(Section):
         return self
 
 
-class PruneSpec(Section):
-    """``compress.prune`` in a recipe: a target and how to score the teacher."""
+class DistillSpec(Section):
+    """``distill`` in a recipe. ``train`` is the loop's spec (steps, lr, batch, checkpoints)."""
 
-    target: PruneTarget = Field(default_factory=PruneTarget)
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(steps=100, lr=1e-3, warmup_steps=10))
+    # top_k: the teacher's k largest logits, renormalized; the student's log-probabilities stay
+    # over the full vocabulary, so its mass outside those k ids is penalized.
+    temperature: PositiveFloat = 1.0
+    ce_weight: float = Field(0.0, ge=0)
+    top_k: PositiveInt | None = None
+    cosine_weight: float = Field(0.0, ge=0)
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_room(cls, top_k):
+        if top_k is not None and top_k < 2:
+            raise ValueError("must be at least 2 (a distribution over one token carries no signal)")
+        return top_k
+
+
+class SearchSpace(Section):
+    """Choices per axis; an empty list keeps the teacher's value. ``num_layers`` keeps that many
+    layers, dropping the least important; ``keep_attention_layers: [true]`` never drops attention
+    layers (Minitron-SSM), ``[true, false]`` also tries candidates that may (MiniPuzzle 56B->47B)."""
+
+    hidden_size: list[PositiveInt] = []
+    intermediate_size: list[PositiveInt] = []
+    num_attention_heads: list[PositiveInt] = []
+    mamba_num_heads: list[PositiveInt] = []
+    mamba_head_dim: list[PositiveInt] = []
+    num_layers: list[PositiveInt] = []
+    keep_attention_layers: list[bool] = [True]
+
+
+class Budget(Section):
+    """At least one constraint. Memory is weights + KV cache + Mamba state (budget.py)."""
+
+    parameters: PositiveInt | None = None
+    parameter_tolerance: float = Field(0.05, gt=0, lt=1)  # Minitron: within 5% of the target
+    memory_gib: PositiveFloat | None = None
+    context: PositiveInt = 8192
+    batch: PositiveInt = 1
+    dtype: Literal["float32", "bfloat16", "float16", "fp8", "fp4"] = "bfloat16"
+    decode_latency_ms: PositiveFloat | None = None  # measured per token, at ``batch`` and ``latency_context``
+    latency_context: PositiveInt = 256
+
+    @model_validator(mode="after")
+    def _some_constraint(self):
+        if self.parameters is None and self.memory_gib is None and self.decode_latency_ms is None:
+            raise field_error("parameters", "give at least one of parameters, memory_gib, decode_latency_ms")
+        return self
+
+
+class SearchSpec(Section):
+    space: SearchSpace = Field(default_factory=SearchSpace)
+    budget: Budget
+    layer_metric: Literal["kl", "cosine"] = "kl"
+    mamba_head_selection: Literal["group_aware", "global"] = "group_aware"
+    max_candidates: PositiveInt = 32  # scored zero-shot; a seeded sample when more fit the budget
+    zero_shot_sequences: PositiveInt = 64
+    top_k: PositiveInt = 3
+    short_kd: DistillSpec = Field(default_factory=lambda: DistillSpec(
+        train=TrainSpec(steps=20, lr=1e-3, warmup_steps=2, checkpoint_every=10, eval_every=20)))
+    tie_tolerance: float = Field(0.01, ge=0)  # nats of validation loss
+    throughput_batch: PositiveInt = 1
+    throughput_context: PositiveInt = 256
+    seed: int = 0
+
+
+class CompressSpec(Section):
+    """``compress`` in a recipe: score the teacher once, then prune to a fixed ``target`` or
+    ``search`` for the best architecture under a budget."""
+
     importance: ImportanceSpec = Field(default_factory=ImportanceSpec)
+    target: PruneTarget | None = None
+    search: SearchSpec | None = None
+
+    @model_validator(mode="after")
+    def _target_or_search(self):
+        if (self.target is None) == (self.search is None):
+            raise field_error("target", "give exactly one of compress.target and compress.search")
+        return self

@@ -1,7 +1,9 @@
 """Stages of ``compression/`` (the stage contract of model/contract.py).
 
     run_importance(spec, {"teacher": ModelRef, "data": DataRef}, store) -> ArtifactRef (scores)
+    run_search(spec, {"teacher", "scores", "data"}, store) -> ArtifactRef (report, chosen target)
     run_prune(spec, {"teacher": ModelRef, "scores": ArtifactRef}, store) -> ModelRef
+    (distillation: compression/distill.py run_distill)
 
 Scores are computed once per (teacher, calibration data, importance spec) and reused for
 every target. A model that did not come from the factory (``factory prune MODEL_DIR``)
@@ -21,7 +23,7 @@ import compression.importance
 import compression.prune
 from compression.importance import estimate_importance, load_scores, save_scores
 from compression.prune import prune
-from compression.specs import ImportanceSpec, PruneTarget
+from compression.specs import ImportanceSpec, PruneTarget, SearchSpec
 from model.architectures import get_family, load_pretrained
 from model.contract import (
     ArchSummary,
@@ -45,6 +47,11 @@ PRUNING_FILE = "pruning.json"  # in a pruned checkpoint: target, teacher digest,
 class PruneStageSpec(Section):
     name: str
     target: PruneTarget
+
+
+class SearchStageSpec(Section):
+    name: str
+    search: SearchSpec
 
 
 def external_model_ref(folder: str | Path) -> ModelRef:
@@ -122,6 +129,36 @@ def run_prune(spec: PruneStageSpec, inputs: dict, store) -> ModelRef:
     ref = ModelRef(uri=uri, digest=store.published_digest(uri), architecture=ArchSummary(**summary),
                    lineage=Lineage(stage="prune", spec_digest=json_digest(spec), code_digest=code,
                                    parents=[teacher.digest, scores_ref.digest], recipe_name=spec.name))
+    store.write_ref(ref_key, ref)
+    return ref
+
+
+def run_search(spec: SearchStageSpec, inputs: dict, store) -> ArtifactRef:
+    """The MiniPuzzle search from saved scores; the report's ``chosen.target`` feeds run_prune."""
+    from compression.search import search, write_report
+
+    teacher: ModelRef = inputs["teacher"]
+    scores_ref: ArtifactRef = inputs["scores"]
+    data: DataRef = inputs["data"]
+    code = code_digest(sys.modules["compression.search"], sys.modules["compression.distill"], compression.prune)
+    key = stage_key("search", spec, [teacher.digest, scores_ref.digest, data.digest], code)
+    ref_key = f"search/{spec.name}-{teacher.digest[:8]}-{key[:8]}"
+    cached = store.read_ref(ref_key, ArtifactRef)
+    if cached is not None and store.verify(cached.uri, cached.digest):
+        return cached
+
+    scores, _ = load_scores(store.fetch(scores_ref.uri) / SCORES_FILE)
+    net, _ = load_pretrained(model_folder(store, teacher), dtype=torch.float32)
+    work = store.stage_dir("search", ref_key.split("/", 1)[1])
+    data_dir = store.fetch(data.uri)
+    report = search(net, scores, PackedTokens(data_dir, "train"), PackedTokens(data_dir, "validation"), spec.search,
+                    work / "candidates")
+    write_report(report, work / "report")
+    uri = store.publish(work / "report", f"{ref_key}/report")
+    ref = ArtifactRef(uri=uri, digest=store.published_digest(uri), kind="search_report",
+                      metadata={"chosen_target": report["chosen"]["target"]},
+                      lineage=Lineage(stage="search", spec_digest=json_digest(spec), code_digest=code,
+                                      parents=[teacher.digest, scores_ref.digest, data.digest], recipe_name=spec.name))
     store.write_ref(ref_key, ref)
     return ref
 

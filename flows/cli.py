@@ -27,21 +27,103 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def cmd_pretrain(args) -> int:
-    from flows.recipe import summary
+def _describe(name: str, ref) -> str:
     from model.architectures import format_parameters
-    from model.pretrain import run_prepare_data, run_pretrain
+
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in getattr(ref, "metrics", {}).items())
+    size = f"{format_parameters(ref.architecture.parameters)} parameters" if hasattr(ref, "architecture") else ref.kind
+    return f"{name:<9} {size}{'; ' + metrics if metrics else ''}\n          {ref.uri}"
+
+
+def _run_until(args, until: str) -> int:
+    """``factory pretrain|compress|distill``: the stages up to one, earlier ones from cache."""
+    from flows import pipeline
+    from flows.recipe import summary
     from registry.store import open_store
 
     recipe = _load_or_exit(args.recipe)
     print(summary(recipe))
-    store = open_store()
-    data = run_prepare_data(recipe.data, recipe.tokenizer, store, recipe.name)
-    print(f"data   {data.train_tokens:,} training / {data.validation_tokens:,} validation tokens at {data.uri}")
-    ref = run_pretrain(recipe.pretrain_spec(), {"data": data}, store)
-    metrics = ", ".join(f"{k} {v:.4g}" for k, v in ref.metrics.items())
-    print(f"model  {format_parameters(ref.architecture.parameters)} parameters; {metrics}")
-    print(ref.uri)
+    refs = pipeline.run(recipe, open_store(), until=until)
+    data = refs.pop("data")
+    print(f"data      {data.train_tokens:,} training / {data.validation_tokens:,} validation tokens\n          {data.uri}")
+    for name, ref in refs.items():
+        print(_describe(name, ref))
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    return _run_until(args, "pretrain")
+
+
+def cmd_compress(args) -> int:
+    return _run_until(args, "compress")
+
+
+def cmd_distill(args) -> int:
+    return _run_until(args, "distill")
+
+
+def _fail(problems: list[tuple[str, str]], source: str) -> None:
+    print(f"{source}: invalid input", file=sys.stderr)
+    for path, message in problems:
+        print(f"  {path}: {message}", file=sys.stderr)
+    sys.exit(EXIT_INVALID)
+
+
+def cmd_prune(args) -> int:
+    """Prune any Nemotron-H checkpoint folder to a target; every check happens before any work."""
+    from pathlib import Path
+
+    from pydantic import ValidationError
+    from transformers import AutoConfig
+
+    from compression.importance import load_scores
+    from compression.prune import score_problems, target_problems
+    from compression.specs import ImportanceSpec, PruneTarget
+    from compression.stages import SCORES_FILE, external_model_ref, prune_checkpoint, run_importance
+    from flows.recipe import validation_problems
+    from model.architectures import format_parameters
+    from model.pretrain import run_prepare_data
+    from model.specs import DataSpec, TokenizerSpec
+    from registry.store import open_store
+
+    model_dir, out_dir = Path(args.model_dir), Path(args.out_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        _fail([("MODEL_DIR", f"not a checkpoint folder: {e}")], str(model_dir))
+    raw = Path(args.target).read_text() if Path(args.target).is_file() else args.target
+    try:
+        target = PruneTarget.model_validate_json(raw)
+        data_spec = DataSpec(source=args.data, seq_len=args.seq_len)
+    except ValidationError as e:
+        _fail([(f"target.{p}" if p and not p.startswith(("source", "seq_len")) else p, m)
+               for p, m in validation_problems(e)], args.target)
+    problems = [(f"target.{k}" if k != "model" else "MODEL_DIR", v) for k, v in target_problems(config, target).items()]
+    if out_dir.exists() and any(out_dir.iterdir()):
+        problems.append(("OUT_DIR", f"{out_dir} exists and is not empty; choose a new folder"))
+    if problems:
+        _fail(problems, str(model_dir))
+
+    if args.scores:
+        scores, _ = load_scores(Path(args.scores))
+        if bad := score_problems(config, scores):
+            _fail([("--scores", p) for p in bad], args.scores)
+        scores_path = Path(args.scores)
+    else:
+        store = open_store()
+        teacher = external_model_ref(model_dir)
+        data = run_prepare_data(data_spec, TokenizerSpec(path=str(model_dir)), store)
+        scores_ref = run_importance(ImportanceSpec(samples=args.samples), {"teacher": teacher, "data": data}, store)
+        scores_path = store.fetch(scores_ref.uri) / SCORES_FILE
+        scores, _ = load_scores(scores_path)
+    summary = prune_checkpoint(model_dir, out_dir, scores, target, {"teacher": str(model_dir.resolve()),
+                                                                    "scores": str(scores_path)})
+    teacher_parameters = sum(external_model_ref(model_dir).architecture.parameters_by_kind.values())
+    print(f"pruned {format_parameters(teacher_parameters)} -> {format_parameters(summary['parameters'])} parameters, "
+          f"layers {summary['layer_pattern']}")
+    print(f"scores {scores_path} (reuse with --scores)")
+    print(out_dir)
     return 0
 
 
@@ -148,6 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("pretrain", help="prepare data and pretrain the recipe's model")
     p.add_argument("recipe")
     p.set_defaults(func=cmd_pretrain)
+
+    p = commands.add_parser("compress", help="importance, search (or a fixed target) and pruning of the teacher")
+    p.add_argument("recipe")
+    p.set_defaults(func=cmd_compress)
+
+    p = commands.add_parser("distill", help="distill the compressed student from its teacher")
+    p.add_argument("recipe")
+    p.set_defaults(func=cmd_distill)
+
+    p = commands.add_parser("prune", help="prune a Nemotron-H checkpoint folder to a target (no retraining)")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--target", required=True,
+                   help='JSON (or a JSON file): e.g. \'{"hidden_size": 192, "mamba_num_heads": 8, "num_layers": 7}\'')
+    p.add_argument("--data", default="builtin:stdlib", help="calibration source (default: the built-in corpus)")
+    p.add_argument("--scores", help="reuse saved importance scores instead of calibrating")
+    p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="calibration sequence length (default 256)")
+    p.set_defaults(func=cmd_prune)
 
     models = commands.add_parser("models", help="registered models: list, get").add_subparsers(
         dest="models_command", required=True, metavar="ACTION")

@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from compression.specs import CompressSpec, DistillSpec
 from model.architectures import format_parameters, get_family
 from model.evaluation.spec import EvaluateSpec
 from model.pretrain import PretrainSpec, build_model_config
@@ -31,8 +32,28 @@ class Recipe(BaseModel):
     tokenizer: TokenizerSpec = TokenizerSpec()
     model: ModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
+    # A teacher to compress instead of pretraining one: a checkpoint folder, models:/NAME@ALIAS
+    # or hf:ORG/NAME (the model section then only describes it).
+    start_from: str | None = None
+    compress: CompressSpec | None = None
+    distill: DistillSpec | None = None
     evaluate: EvaluateSpec = EvaluateSpec()
     registry: RegisterSpec = RegisterSpec()
+
+    @field_validator("start_from")
+    @classmethod
+    def _teacher_exists(cls, start_from: str | None) -> str | None:
+        if start_from is None or start_from.startswith(("models:/", "hf:")):
+            return start_from
+        if not (Path(start_from).expanduser() / "config.json").is_file():
+            raise ValueError(f"no checkpoint (config.json) at {start_from}")
+        return start_from
+
+    @model_validator(mode="after")
+    def _distill_needs_a_student(self):
+        if self.distill is not None and self.compress is None:
+            raise FieldErrors({"compress": "distill needs a compress section to produce the student"})
+        return self
 
     def pretrain_spec(self) -> PretrainSpec:
         return PretrainSpec(name=self.name, model=self.model, train=self.train)
@@ -119,4 +140,26 @@ def summary(recipe: Recipe) -> str:
         f"  train  {t.steps} steps x {t.batch_size} sequences x {recipe.data.seq_len} tokens = {tokens:,} tokens; "
         f"{t.schedule} lr {t.lr:g}, warmup {t.warmup_steps}, {t.num_processes} process(es)",
     ]
+    if recipe.start_from:
+        lines.insert(1, f"  teacher  {recipe.start_from} (instead of pretraining; the model section describes it)")
+    if recipe.compress is not None:
+        c = recipe.compress
+        if c.search is not None:
+            space = c.search.space
+            choices = [len(getattr(space, f)) or 1 for f in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                             "mamba_num_heads", "mamba_head_dim", "num_layers")]
+            combos = 1
+            for n in choices + [len(space.keep_attention_layers)]:
+                combos *= n
+            budget = {k: v for k, v in c.search.budget.model_dump().items()
+                      if k in ("parameters", "parameter_tolerance", "memory_gib", "decode_latency_ms") and v is not None}
+            lines.append(f"  compress  importance on {c.importance.samples} sequences; search over {combos} "
+                         f"combinations, budget {budget}; top {c.search.top_k} get {c.search.short_kd.train.steps} KD steps")
+        else:
+            lines.append(f"  compress  importance on {c.importance.samples} sequences; target "
+                         f"{c.target.model_dump(exclude_none=True, exclude_defaults=True)}")
+    if recipe.distill is not None:
+        d = recipe.distill.train
+        lines.append(f"  distill  {d.steps} steps x {d.batch_size} x {recipe.data.seq_len} = "
+                     f"{d.steps * d.batch_size * recipe.data.seq_len:,} tokens, T={recipe.distill.temperature}")
     return "\n".join(lines)

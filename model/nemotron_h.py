@@ -188,10 +188,40 @@ def config_problems(config: NemotronHConfig) -> dict[str, str]:
 
 
 def parameters_by_kind(config: NemotronHConfig) -> dict[str, int]:
-    """Parameter counts grouped as embedding, mamba, attention, ffn, moe, norm, lm_head.
+    """Parameter counts grouped as embedding, mamba, attention, ffn, norm, lm_head.
 
-    Built on the meta device, so it costs nothing even for the 56B shape.
+    Counted from the config by the shapes transformers builds (tests check it against a
+    model built on the meta device), so it is instant even for the 56B shape and cheap
+    enough to run for every candidate of an architecture search.
     """
+    h, vocab = config.hidden_size, config.vocab_size
+    d_inner = config.mamba_num_heads * config.mamba_head_dim
+    bc = 2 * config.n_groups * config.ssm_state_size
+    conv_dim = d_inner + bc
+    per_layer = {
+        "linear_attention": (
+            h * (2 * d_inner + bc + config.mamba_num_heads) + config.use_bias * (2 * d_inner + bc + config.mamba_num_heads)
+            + conv_dim * config.conv_kernel + config.use_conv_bias * conv_dim
+            + 3 * config.mamba_num_heads + d_inner + d_inner * h + config.use_bias * h
+        ),
+        # transformers builds q/k/v/o without bias whatever attention_bias says
+        "full_attention": 2 * h * (config.num_attention_heads + config.num_key_value_heads) * config.head_dim,
+        "mlp": 2 * h * config.intermediate_size + config.mlp_bias * (config.intermediate_size + h),
+    }
+    kind_of = {"linear_attention": "mamba", "full_attention": "attention", "mlp": "ffn"}
+    unsupported = set(config.layers_block_type) - set(per_layer)
+    if unsupported:
+        raise ValueError(f"parameter counting does not cover layer types {sorted(unsupported)}")
+    kinds = {"embedding": vocab * h, "mamba": 0, "attention": 0, "ffn": 0,
+             # NemotronH declares no tied weights: lm_head is its own matrix even with tie_word_embeddings
+             "norm": h * (len(config.layers_block_type) + 1), "lm_head": vocab * h}
+    for layer_type in config.layers_block_type:
+        kinds[kind_of[layer_type]] += per_layer[layer_type]
+    return {k: v for k, v in kinds.items() if v}
+
+
+def parameters_by_kind_built(config: NemotronHConfig) -> dict[str, int]:
+    """The same counts read off a model built on the meta device (the reference for the above)."""
     with torch.device("meta"):
         model = NemotronHForCausalLM(config)
     kinds = {"embedding": 0, "mamba": 0, "attention": 0, "ffn": 0, "moe": 0, "norm": 0, "lm_head": 0}

@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 import model.architectures
 import model.checkpoint
 import model.data
+import model.tokenizer
 import model.train
 from model import distributed
 from model.architectures import format_parameters, get_family
-from model.contract import ArchSummary, DataRef, Lineage, ModelRef, code_digest, json_digest
+from model.contract import ArchSummary, ArtifactRef, DataRef, Lineage, ModelRef, code_digest, json_digest
 from model.data import PackedTokens, is_validation, iter_documents, open_source, pack_split, source_digest
 from model.fsutil import atomic_write_text
 from model.specs import DataSpec, ModelSpec, Section, TokenizerSpec, TrainSpec
@@ -60,7 +61,7 @@ def run_prepare_data(data: DataSpec, tokenizer: TokenizerSpec, store, recipe_nam
     (source digest, tokenizer digest, seq_len)."""
     source = open_source(data)
     src_digest = source_digest(data, source)
-    tok_dir, tok_digest = _tokenizer_for(data, tokenizer, source, src_digest, store)
+    tok_dir, tok_uri, tok_digest = _tokenizer_for(data, tokenizer, source, src_digest, store)
 
     key = f"data/{src_digest[:12]}-{tok_digest[:12]}-L{data.seq_len}"
     cached = store.read_ref(key, DataRef)
@@ -83,7 +84,7 @@ def run_prepare_data(data: DataSpec, tokenizer: TokenizerSpec, store, recipe_nam
     atomic_write_text(out / model.data.META_NAME, json.dumps(meta, indent=1))
     uri = store.publish(out, key)
     ref = DataRef(
-        uri=uri, digest=store.published_digest(uri), tokenizer_uri=str(tok_dir), tokenizer_digest=tok_digest,
+        uri=uri, digest=store.published_digest(uri), tokenizer_uri=tok_uri, tokenizer_digest=tok_digest,
         source=data.source, source_digest=src_digest, seq_len=data.seq_len,
         train_tokens=splits["train"]["tokens"], validation_tokens=splits["validation"]["tokens"],
         lineage=Lineage(stage="data", spec_digest=json_digest({"data": data, "tokenizer": tokenizer}),
@@ -93,18 +94,30 @@ def run_prepare_data(data: DataSpec, tokenizer: TokenizerSpec, store, recipe_nam
     return ref
 
 
-def _tokenizer_for(data: DataSpec, spec: TokenizerSpec, source, src_digest: str, store) -> tuple[Path, str]:
+def _tokenizer_for(data: DataSpec, spec: TokenizerSpec, source, src_digest: str, store) -> tuple[Path, str, str]:
+    """(local folder, URI, digest) of the tokenizer, always published in the store (a URI every
+    worker can fetch): a copy of the recipe's folder, or a BPE trained once per source."""
     if spec.path is not None:
-        return Path(spec.path).expanduser().resolve(), tokenizer_digest(spec.path)
-    key = f"tokenizers/bpe{spec.vocab_size}-{src_digest[:12]}-{json_digest(spec)[:8]}"
+        given = Path(spec.path).expanduser().resolve()
+        key = f"tokenizers/given-{tokenizer_digest(given)[:16]}"
+    else:
+        key = f"tokenizers/bpe{spec.vocab_size}-{src_digest[:12]}-{json_digest(spec)[:8]}"
+    cached = store.read_ref(key, ArtifactRef)
+    if cached is not None and store.verify(cached.uri, cached.digest):
+        folder = store.fetch(cached.uri)
+        return folder, cached.uri, tokenizer_digest(folder)
     folder = store.stage_dir("tokenizers", key.split("/", 1)[1])
-    digest = store.published_digest(str(folder))
-    if digest is None or not store.verify(str(folder), digest):
+    if spec.path is not None:
+        load_tokenizer(given).save_pretrained(folder)  # the tokenizer files only, not a model's weights
+    else:
         texts = (d.text for d in iter_documents(data, source) if not is_validation(d, data.validation_fraction))
         print(f"training a {spec.vocab_size}-token byte-level BPE on {data.source} ...", file=sys.stderr)
         train_bpe(texts, spec.vocab_size, spec.min_frequency).save_pretrained(folder)
-        store.publish(folder, key)
-    return folder, tokenizer_digest(folder)
+    uri = store.publish(folder, key)
+    store.write_ref(key, ArtifactRef(uri=uri, digest=store.published_digest(uri), kind="tokenizer",
+                                     lineage=Lineage(stage="tokenizer", spec_digest=json_digest(spec),
+                                                     code_digest=code_digest(model.tokenizer), parents=[src_digest])))
+    return folder, uri, tokenizer_digest(folder)
 
 
 # --------------------------------------------------------------------------------------
@@ -123,7 +136,9 @@ def run_pretrain(spec: PretrainSpec, inputs: dict[str, DataRef], store,
     """Pretrain a model from scratch on ``inputs['data']``; resumes from the newest checkpoint."""
     data_ref = inputs["data"]
     family = get_family(spec.model.family)
-    code = code_digest(model.train, model.checkpoint, model.architectures, sys.modules[family.build_config.__module__])
+    code = code_digest(model.train, model.checkpoint, model.architectures,
+                       *[sys.modules[name] for name in sorted({f.__module__ for f in (
+                           family.build_config, family.model_class, family.summarize)})])
     key = stage_key("pretrain", spec, [data_ref.digest], code)
     tokenizer = load_tokenizer(store.fetch(data_ref.tokenizer_uri))
     config = build_model_config(spec.model, tokenizer)

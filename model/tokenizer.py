@@ -59,6 +59,15 @@ def tokenizer_digest(path: str | Path) -> str:
     return file_digest(Path(path) / "tokenizer.json")
 
 
+def tokenization_of(path: str | Path) -> dict:
+    """What decides the token ids (model vocabulary and merges, added tokens, normalizer,
+    pre-tokenizer) without formatting details that a re-save may change."""
+    import json
+
+    spec = json.loads((Path(path) / "tokenizer.json").read_text())
+    return {k: spec.get(k) for k in ("model", "added_tokens", "normalizer", "pre_tokenizer")}
+
+
 def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
     """The ids a model config needs so that generation pads and stops correctly."""
     return dict(

@@ -155,3 +155,15 @@ def mlflow_server(s3_server, tmp_path_factory):
         process.terminate()
         process.wait(timeout=30)
         log.close()
+
+
+def run_cli(*args: str, capsys) -> tuple[int, str, str]:
+    """The factory command in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    from flows.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

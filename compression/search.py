@@ -1,0 +1,237 @@
+"""MiniPuzzle / Minitron-SSM architecture search under a budget.
+
+    enumerate  every combination of the search space's choices (sizes, layers kept)
+    filter     by the budget: parameters within a tolerance of a target, memory of weights +
+               KV cache + Mamba state at a context length (compression/budget.py), measured
+               decode latency
+    score      prune each candidate from the saved importance scores (no recomputation) and
+               rank by zero-shot validation loss
+    retrain    the top k get a short distillation from the teacher (the paper: 3.8B tokens
+               each for 22 candidates; rankings move during it, which is why this step exists)
+    choose     the lowest loss after the short KD; losses within ``tie_tolerance`` are tied
+               and the tie goes to the higher measured decode throughput
+
+The report (every candidate's architecture, parameters, memory, zero-shot loss, short-KD
+loss, throughput, and the choice) is written as JSON, a markdown table and a Pareto plot.
+The winner is then pruned afresh and fully distilled by the stages that follow.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from compression.budget import inference_memory
+from compression.distill import distill
+from compression.importance import Scores
+from compression.prune import make_plan, prune, pruned_config, target_problems
+from compression.specs import PruneTarget, SearchSpec
+from model.architectures import get_family
+from model.data import PackedTokens
+from model.train import evaluate_loss
+
+SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "mamba_num_heads", "mamba_head_dim")
+
+
+@dataclass
+class Candidate:
+    target: dict
+    architecture: dict  # hidden, ffn, heads, layers, pattern
+    parameters: int
+    memory_bytes: float
+    zero_shot_loss: float | None = None
+    kd_loss: float | None = None
+    decode_tokens_per_s: float | None = None
+    decode_latency_ms: float | None = None
+    chosen: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _choices(values: list, default) -> list:
+    return values or [default]
+
+
+def enumerate_candidates(config, scores: Scores, spec: SearchSpec) -> tuple[list[Candidate], dict]:
+    """Every distinct architecture in the space that meets the parameter and memory budget."""
+    family = get_family(config.model_type)
+    space, budget = spec.space, spec.budget
+    axes = [_choices(getattr(space, f), None) for f in SIZE_FIELDS]
+    layer_counts = _choices(space.num_layers, None)
+    seen, kept, rejected = set(), [], {"invalid": 0, "duplicate": 0, "parameters": 0, "memory": 0}
+    for sizes, num_layers, keep_attention in itertools.product(itertools.product(*axes), layer_counts,
+                                                               space.keep_attention_layers):
+        target = PruneTarget(**dict(zip(SIZE_FIELDS, sizes, strict=True)),
+                             drop_layers=_layers_to_drop(config, scores, num_layers, spec.layer_metric, keep_attention),
+                             mamba_head_selection=spec.mamba_head_selection)
+        if target_problems(config, target) or (target.drop_layers is not None
+                                               and not _keeps_attention(config, target.drop_layers)):
+            rejected["invalid"] += 1
+            continue
+        new_config = pruned_config(config, make_plan(config, scores, target))
+        summary = family.summarize(new_config)
+        signature = json.dumps({k: summary["config"][k] for k in sorted(summary["config"])}) + summary["layer_pattern"]
+        if signature in seen:
+            rejected["duplicate"] += 1
+            continue
+        seen.add(signature)
+        parameters = summary["parameters"]
+        if budget.parameters is not None and abs(parameters - budget.parameters) > budget.parameter_tolerance * budget.parameters:
+            rejected["parameters"] += 1
+            continue
+        memory = inference_memory(new_config, parameters, budget.context, budget.batch, budget.dtype).total
+        if budget.memory_gib is not None and memory > budget.memory_gib * 2**30:
+            rejected["memory"] += 1
+            continue
+        kept.append(Candidate(target=target.model_dump(mode="json", exclude_none=True),
+                              architecture=summary["config"] | {"layer_pattern": summary["layer_pattern"]},
+                              parameters=parameters, memory_bytes=memory))
+    return kept, rejected
+
+
+def _layers_to_drop(config, scores: Scores, num_layers: int | None, metric: str, keep_attention: bool) -> list[int] | None:
+    if num_layers is None or num_layers >= len(config.layers_block_type):
+        return None
+    ranked = scores[f"layer_{metric}"].argsort().tolist()  # least important first
+    if keep_attention:
+        ranked = [i for i in ranked if config.layers_block_type[i] != "full_attention"]
+    drop = len(config.layers_block_type) - num_layers
+    return sorted(ranked[:drop]) if len(ranked) >= drop else list(range(len(config.layers_block_type)))
+
+
+def _keeps_attention(config, drop_layers: list[int]) -> bool:
+    return any(t == "full_attention" for i, t in enumerate(config.layers_block_type) if i not in set(drop_layers))
+
+
+def _decode_speed(model, spec: SearchSpec) -> tuple[float, float]:
+    """(decode tokens/s, ms per decode step) at the spec's throughput batch and context."""
+    from model.evaluation.efficiency import measure_point
+
+    point = measure_point(model, spec.throughput_batch, spec.throughput_context, decode_tokens=8, warmup=1,
+                          repeats=2, device=next(model.parameters()).device)
+    return point["decode_tokens_per_s"], 1000 * point["decode_seconds"] / point["decode_tokens"]
+
+
+def search(teacher, scores: Scores, train_data: PackedTokens, validation: PackedTokens, spec: SearchSpec,
+           work_dir: Path) -> dict:
+    """Run the whole search; returns the report (candidates, rejections, the chosen target)."""
+    candidates, rejected = enumerate_candidates(teacher.config, scores, spec)
+    if not candidates:
+        raise ValueError(f"no architecture in the search space meets the budget (rejected: {rejected}); "
+                         "widen the space or loosen the budget")
+    if len(candidates) > spec.max_candidates:
+        candidates = random.Random(spec.seed).sample(candidates, spec.max_candidates)
+    rows = range(min(len(validation), spec.zero_shot_sequences))
+    micro = spec.short_kd.train.micro_batch_size
+
+    for candidate in candidates:
+        student, _ = prune(teacher, scores, PruneTarget(**candidate.target))
+        if spec.budget.decode_latency_ms is not None:
+            candidate.decode_tokens_per_s, candidate.decode_latency_ms = _decode_speed(student, spec)
+            if candidate.decode_latency_ms > spec.budget.decode_latency_ms:
+                candidate.notes.append("over the latency budget")
+                continue
+        candidate.zero_shot_loss = evaluate_loss(student, validation, rows, micro)
+
+    ranked = sorted((c for c in candidates if c.zero_shot_loss is not None), key=lambda c: c.zero_shot_loss)
+    if not ranked:
+        raise ValueError("every candidate is over the decode-latency budget")
+    for rank, candidate in enumerate(ranked[: spec.top_k]):
+        student, _ = prune(teacher, scores, PruneTarget(**candidate.target))
+        result = distill(student, teacher, train_data, spec.short_kd, Path(work_dir) / f"candidate-{rank}",
+                         validation=validation, description=f"short KD {rank + 1}/{min(spec.top_k, len(ranked))}")
+        candidate.kd_loss = evaluate_loss(student, validation, rows, micro)
+        if candidate.decode_tokens_per_s is None:
+            candidate.decode_tokens_per_s, candidate.decode_latency_ms = _decode_speed(student, spec)
+        candidate.notes.append(f"short KD: {result['steps']} steps, {result['tokens_seen']} tokens")
+
+    finalists = [c for c in ranked[: spec.top_k]]
+    best = min(c.kd_loss for c in finalists)
+    tied = [c for c in finalists if c.kd_loss - best <= spec.tie_tolerance]
+    winner = max(tied, key=lambda c: c.decode_tokens_per_s)
+    winner.chosen = True
+    if len(tied) > 1:
+        winner.notes.append(f"tied with {len(tied) - 1} other(s) within {spec.tie_tolerance}; fastest decode wins")
+    return {"teacher_parameters": sum(p.numel() for p in teacher.parameters()), "rejected": rejected,
+            "budget": spec.budget.model_dump(mode="json"), "candidates": [asdict(c) for c in candidates],
+            "chosen": asdict(winner)}
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def markdown_report(report: dict) -> str:
+    from model.architectures import format_parameters
+
+    lines = [
+        "# Architecture search",
+        "",
+        f"Teacher: {format_parameters(report['teacher_parameters'])} parameters. "
+        f"Budget: {json.dumps({k: v for k, v in report['budget'].items() if v is not None})}. "
+        f"Rejected before scoring: {report['rejected']}.",
+        "",
+        "| | layers | hidden | FFN | attn heads | Mamba heads x dim | parameters | memory (GiB) | zero-shot loss "
+        "| short-KD loss | decode tok/s | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_loss = sorted(report["candidates"], key=lambda c: (c["kd_loss"] is None, c["kd_loss"] or 0,
+                                                           c["zero_shot_loss"] is None, c["zero_shot_loss"] or 0))
+    for c in by_loss:
+        a = c["architecture"]
+        lines.append(
+            f"| {'**chosen**' if c['chosen'] else ''} | {a['layer_pattern']} | {a['hidden_size']} | "
+            f"{a['intermediate_size']} | {a['num_attention_heads']} | {a['mamba_num_heads']} x {a['mamba_head_dim']} | "
+            f"{format_parameters(c['parameters'])} | {c['memory_bytes'] / 2**30:.3f} | {_fmt(c['zero_shot_loss'])} | "
+            f"{_fmt(c['kd_loss'])} | {_fmt(c['decode_tokens_per_s'], '.1f')} | {'; '.join(c['notes'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(report: dict, path: Path) -> None:
+    """Loss against parameters and against decode throughput; the chosen candidate marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    candidates = report["candidates"]
+    fig, (by_size, by_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
+    scored = [c for c in candidates if c["zero_shot_loss"] is not None]
+    by_size.scatter([c["parameters"] / 1e6 for c in scored], [c["zero_shot_loss"] for c in scored],
+                    label="zero-shot", color="tab:gray", alpha=0.6)
+    kd = [c for c in candidates if c["kd_loss"] is not None]
+    by_size.scatter([c["parameters"] / 1e6 for c in kd], [c["kd_loss"] for c in kd], label="after short KD",
+                    color="tab:blue")
+    by_speed.scatter([c["decode_tokens_per_s"] for c in kd], [c["kd_loss"] for c in kd], color="tab:blue",
+                     label="after short KD")
+    chosen = report["chosen"]
+    for axis, x in ((by_size, chosen["parameters"] / 1e6), (by_speed, chosen["decode_tokens_per_s"])):
+        axis.scatter([x], [chosen["kd_loss"]], marker="*", s=250, color="tab:red", label="chosen", zorder=3)
+        axis.set_ylabel("validation loss")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    by_size.set_xlabel("parameters (M)")
+    by_speed.set_xlabel("decode tokens/s")
+    fig.suptitle("Architecture search: loss against size and speed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "search.json").write_text(json.dumps(report, indent=1))
+    (folder / "search.md").write_text(markdown_report(report))
+    pareto_plot(report, folder / "search_pareto.png")
+
+
+def chosen_target(report: dict) -> PruneTarget:
+    return PruneTarget(**report["chosen"]["target"])
+
