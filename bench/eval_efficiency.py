@@ -1,6 +1,6 @@
 """Inference efficiency: a ~100M hybrid teacher, its 50% student, and an attention-only model of equal size.
 
-    python bench/eval_efficiency.py              # ~10-15 minutes on 2 CPU cores
+    python bench/eval_efficiency.py --threads 1  # ~12 minutes on one CPU core
     python bench/eval_efficiency.py --quick      # batch 1 / 4, context 128 / 256: a minute
 
 All three models are transformers' NemotronHForCausalLM with random weights (speed does not
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -62,39 +63,61 @@ def build(name: str, device, dtype):
     return NemotronHForCausalLM(config).to(device=device, dtype=dtype).eval(), summarize(config)
 
 
+def median_point(runs: list[dict]) -> dict:
+    """One point from several runs: the median prefill and decode times."""
+    point = dict(runs[0])
+    for phase in ("prefill", "decode"):
+        seconds = statistics.median(r[f"{phase}_seconds"] for r in runs)
+        tokens = point["batch_size"] * (point["context_length"] if phase == "prefill" else point["decode_tokens"])
+        point[f"{phase}_seconds"], point[f"{phase}_tokens_per_s"] = seconds, tokens / seconds
+    point["runs"] = len(runs)
+    return point
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--context-lengths", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--decode-tokens", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per point (median)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per point (median)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 on a shared machine, "
+                                                   "where OpenMP threads waiting for busy cores distort timings")
     parser.add_argument("--quick", action="store_true", help="batch 1 / 4, context 128 / 256")
     parser.add_argument("--out", default="bench/results/eval_efficiency.json")
     args = parser.parse_args()
     if args.quick:
         args.batch_sizes, args.context_lengths = [1, 4], [128, 256]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device("auto")
     dtype = resolve_dtype("auto", device)
     print(f"device {device}, {dtype}, {torch.get_num_threads()} threads; "
           f"batches {args.batch_sizes}, contexts {args.context_lengths}, {args.decode_tokens} decode tokens", flush=True)
 
-    results, started = {}, time.perf_counter()
+    started = time.perf_counter()
+    nets, results = {}, {}
     for name in MODELS:
-        net, summary = build(name, device, dtype)
-        # One small untimed run warms allocator and kernels; then each point once per repeat.
-        prefill_and_decode(net, torch.randint(3, VOCAB, (1, 64), device=device), 2)
-        points = []
-        for batch in args.batch_sizes:
-            for length in args.context_lengths:
-                point = measure_point(net, batch, length, args.decode_tokens, warmup=0, repeats=args.repeats, device=device)
-                points.append(point)
-                print(f"  {name:18s} b{batch:<3d} L{length:<5d} prefill {point['prefill_tokens_per_s']:9.0f} tok/s  "
-                      f"decode {point['decode_tokens_per_s']:7.1f} tok/s  cache {point['cache_bytes_per_sequence'] / 2**20:7.2f} MiB/seq",
-                      flush=True)
-        profile = profile_decode(net, 1, args.context_lengths[0], args.decode_tokens, device)
+        nets[name], summary = build(name, device, dtype)
+        # One small untimed run warms the allocator and kernels.
+        prefill_and_decode(nets[name], torch.randint(3, VOCAB, (1, 64), device=device), 2)
         results[name] = {"parameters": summary["parameters"], "parameters_by_kind": summary["parameters_by_kind"],
-                         "layer_pattern": summary["layer_pattern"], "points": points, "decode_profile": profile}
-        del net
+                         "layer_pattern": summary["layer_pattern"], "points": []}
+    for batch in args.batch_sizes:
+        for length in args.context_lengths:
+            # Models take turns within each repeat, so a change in machine load hits all of them alike.
+            runs = {name: [] for name in MODELS}
+            for _ in range(args.repeats):
+                for name, net in nets.items():
+                    runs[name].append(measure_point(net, batch, length, args.decode_tokens, warmup=0, repeats=1,
+                                                    device=device))
+            for name in MODELS:
+                point = median_point(runs[name])
+                results[name]["points"].append(point)
+                print(f"  {name:18s} b{batch:<3d} L{length:<5d} prefill {point['prefill_tokens_per_s']:9.0f} tok/s  "
+                      f"decode {point['decode_tokens_per_s']:7.1f} tok/s  "
+                      f"cache {point['cache_bytes_per_sequence'] / 2**20:7.2f} MiB/seq", flush=True)
+    for name, net in nets.items():
+        results[name]["decode_profile"] = profile_decode(net, 1, args.context_lengths[0], args.decode_tokens, device)
 
     teacher, student, attention = (results[n] for n in MODELS)
     print("\nparameters: " + ", ".join(f"{n} {format_parameters(r['parameters'])} ({r['layer_pattern']})"

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,7 +33,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="override train.steps")
     parser.add_argument("--models", nargs="+", help="only these models of the recipe")
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     values = yaml.safe_load(Path(args.recipe).read_text())
     if args.steps:
         values["train"]["steps"] = args.steps

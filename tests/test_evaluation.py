@@ -221,6 +221,18 @@ def test_measured_cache_bytes_equal_the_analytic_count(pattern, dtype):
         assert sizes[(1, 16)]["ssm_state"] == 2 * 8 * 8 * 8 * 4
 
 
+def test_measured_cache_bytes_equal_the_compression_cost_model():
+    """The search's cost model (compression/budget.py) counts the same bytes the cache holds."""
+    budget = pytest.importorskip("compression.budget")
+    config = build_config("micro", {"pattern": "M-*M-*-"})
+    net = NemotronHForCausalLM(config).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        measured = measured_cache_bytes(net(input_ids=torch.randint(3, 512, (2, 24)), use_cache=True).cache)
+    conv, ssm = budget.mamba_state_bytes(config, 2, "bfloat16")
+    assert measured["attention_kv"] == budget.kv_cache_bytes(config, 24, 2, "bfloat16")
+    assert (measured["conv_state"], measured["ssm_state"]) == (conv, ssm)
+
+
 def test_efficiency_reports_throughput_cache_and_memory(teacher_dir):
     net = AutoModelForCausalLM.from_pretrained(teacher_dir)
     result = measure_efficiency(net, [1, 2], [16, 32], decode_tokens=2, warmup=0, repeats=1, device=torch.device("cpu"))

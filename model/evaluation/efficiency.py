@@ -95,8 +95,12 @@ def measured_cache_bytes(cache) -> dict[str, int]:
     return by_kind | {"total": sum(by_kind.values())}
 
 
+# Decoder-only families whose every layer keeps a full K/V cache (no window, no sharing).
+ATTENTION_ONLY_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2"}
+
+
 def analytic_cache_bytes(config, context_length: int, batch_size: int, dtype: torch.dtype,
-                         ssm_dtype: torch.dtype = torch.float32) -> dict[str, int]:
+                         ssm_dtype: torch.dtype = torch.float32) -> dict[str, int] | None:
     """The cache size from the config alone (reference/sdg_eval.md 4.2), by kind.
 
     attention: layers x 2 (K, V) x kv_heads x head_dim x L x B x dtype bytes
@@ -104,11 +108,16 @@ def analytic_cache_bytes(config, context_length: int, batch_size: int, dtype: to
                (transformers keeps the whole kernel width K) and an SSM state [H, P, N] in
                ``ssm_dtype`` (float32 in transformers), both x B and constant in L.
 
-    Layers come from ``layers_block_type`` (Nemotron-H); a config without it is taken as
-    attention-only (``num_hidden_layers``). One small function so the compression budget's
-    cost model can replace it.
+    Layers come from ``layers_block_type`` (Nemotron-H), or are all attention for the plain
+    decoder families of ATTENTION_ONLY_TYPES; any other family (Hymba: windows, shared K/V,
+    meta tokens) gets None. One small function so the compression budget's cost model
+    (compression/budget.py) can replace it.
     """
-    layer_types = list(getattr(config, "layers_block_type", None) or ["full_attention"] * config.num_hidden_layers)
+    layer_types = getattr(config, "layers_block_type", None)
+    if layer_types is None:
+        if getattr(config, "model_type", None) not in ATTENTION_ONLY_TYPES:
+            return None
+        layer_types = ["full_attention"] * config.num_hidden_layers
     attention = sum(t in ("full_attention", "attention") for t in layer_types)
     mamba = sum(t in ("linear_attention", "mamba") for t in layer_types)
     size = torch.empty((), dtype=dtype).element_size()
@@ -244,7 +253,7 @@ def measure_point(model, batch_size: int, context_length: int, decode_tokens: in
         "cache_bytes": cache_bytes["total"],
         "cache_bytes_per_sequence": cache_bytes["total"] // batch_size,
         "cache_bytes_by_kind": {k: v for k, v in cache_bytes.items() if k != "total"},
-        "analytic_cache_bytes": analytic["total"],
+        "analytic_cache_bytes": analytic["total"] if analytic else None,
         "peak_memory_bytes": peak_memory_bytes(device, memory_kind),
         "peak_memory_kind": memory_kind,
     }

@@ -215,7 +215,7 @@ def render_markdown(summary: dict) -> str:
         where.add(f"{eff['device']}, {eff['dtype']}, clock {eff['clock']}, {eff['torch_threads']} threads")
         for p in eff["points"]:
             eff_rows.append([label, p["batch_size"], p["context_length"], p["prefill_tokens_per_s"], p["decode_tokens_per_s"],
-                             p["cache_bytes_per_sequence"], p["analytic_cache_bytes"] // p["batch_size"],
+                             p["cache_bytes_per_sequence"], None if p["analytic_cache_bytes"] is None else p["analytic_cache_bytes"] // p["batch_size"],
                              p["peak_memory_bytes"] / 2**20, p["peak_memory_kind"]])
     if eff_rows:
         lines += ["## Efficiency", "", f"Measured on: {'; '.join(sorted(where))}.", ""]

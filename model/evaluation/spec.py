@@ -72,6 +72,9 @@ class EfficiencySpec(Section):
     warmup: int = Field(1, ge=0)  # untimed runs first (allocator, kernels, caches)
     repeats: PositiveInt = 3  # timed runs; the median is reported
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    # CPU threads while timing (null: torch's default). Use 1 on a shared machine: OpenMP threads
+    # that wait for busy cores slowed decode up to 20x in our trials.
+    threads: PositiveInt | None = None
 
 
 class GateSpec(Section):

@@ -142,8 +142,13 @@ def evaluate_checkpoint(folder: Path, spec: EvaluateSpec, work_dir: Path, data_d
     if "efficiency" in spec.sections:
         print(f"[{label}] efficiency on {device.type}, {dtype}", file=sys.stderr)
         e = spec.efficiency
-        result["efficiency"] = measure_efficiency(net.to(dtype), e.batch_sizes, e.context_lengths, e.decode_tokens,
-                                                  e.warmup, e.repeats, device)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(e.threads or threads)
+        try:
+            result["efficiency"] = measure_efficiency(net.to(dtype), e.batch_sizes, e.context_lengths, e.decode_tokens,
+                                                      e.warmup, e.repeats, device)
+        finally:
+            torch.set_num_threads(threads)
     return result
 
 
