@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from compression.specs import DistillSpec
 from model import distributed
 from model.architectures import get_family, load_pretrained
-from model.contract import ArchSummary, DataRef, Lineage, ModelRef, code_digest, json_digest
+from model.contract import ArchSummary, DataRef, Lineage, ModelRef, Stage, json_digest
 from model.data import PackedTokens
 from model.fsutil import atomic_write_text
-from model.pretrain import HISTORY_FILE, MODEL_DIR, stage_key
+from model.pretrain import HISTORY_FILE, MODEL_DIR
 from model.specs import Section
 from model.tokenizer import tokenization_of
 from model.train import LossFn, StepCallback, train
@@ -129,6 +129,9 @@ def distill(student, teacher, data: PackedTokens, spec: DistillSpec, work_dir: P
                  callbacks=callbacks, description=description)
 
 
+DISTILL = Stage("distill", ("compression.distill", "model.train", "model.checkpoint"))
+
+
 class DistillStageSpec(Section):
     name: str
     distill: DistillSpec
@@ -141,8 +144,7 @@ def run_distill(spec: DistillStageSpec, inputs: dict, store, callbacks: tuple[St
     student_ref: ModelRef = inputs["student"]
     teacher_ref: ModelRef = inputs["teacher"]
     data_ref: DataRef = inputs["data"]
-    code = code_digest(sys.modules[__name__], sys.modules["model.train"], sys.modules["model.checkpoint"])
-    key = stage_key("distill", spec, [student_ref.digest, teacher_ref.digest, data_ref.digest], code)
+    key = DISTILL.key(spec, inputs)
     ref_key = f"distill/{spec.name}-{student_ref.digest[:8]}-{key[:8]}"
     cached = store.read_ref(ref_key, ModelRef)
     if cached is not None and store.verify(cached.uri, cached.digest):
@@ -166,7 +168,7 @@ def run_distill(spec: DistillStageSpec, inputs: dict, store, callbacks: tuple[St
 
     summary = get_family(config["model_type"]).summarize(AutoConfig.from_pretrained(out))
     ref = ModelRef(uri=uri, digest=store.published_digest(uri), architecture=ArchSummary(**summary),
-                   lineage=Lineage(stage="distill", spec_digest=json_digest(spec), code_digest=code,
+                   lineage=Lineage(stage="distill", spec_digest=json_digest(spec), code_digest=DISTILL.code(),
                                    parents=[student_ref.digest, teacher_ref.digest, data_ref.digest],
                                    recipe_name=spec.name),
                    metrics=history["metrics"])

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
-import compression.importance
-import compression.prune
 from compression.importance import estimate_importance, load_scores, save_scores
 from compression.prune import prune
 from compression.specs import ImportanceSpec, PruneTarget, SearchSpec
@@ -31,15 +28,19 @@ from model.contract import (
     DataRef,
     Lineage,
     ModelRef,
-    code_digest,
+    Stage,
     folder_digest,
     json_digest,
 )
 from model.data import PackedTokens
-from model.pretrain import MODEL_DIR, stage_key
+from model.pretrain import MODEL_DIR
 from model.specs import Section
 
 EXTERNAL = "external"
+IMPORTANCE = Stage("importance", ("compression.importance", "compression.stages"))
+SEARCH = Stage("search", ("compression.search", "compression.distill", "compression.prune", "compression.budget",
+                          "model.train"))
+PRUNE = Stage("prune", ("compression.prune", "compression.stages"))
 SCORES_FILE = "scores.safetensors"
 PRUNING_FILE = "pruning.json"  # in a pruned checkpoint: target, teacher digest, kept layers
 
@@ -72,8 +73,7 @@ def model_folder(store, ref: ModelRef) -> Path:
 def run_importance(spec: ImportanceSpec, inputs: dict, store, recipe_name: str = "") -> ArtifactRef:
     teacher: ModelRef = inputs["teacher"]
     data: DataRef = inputs["data"]
-    code = code_digest(compression.importance)
-    key = stage_key("importance", spec, [teacher.digest, data.digest], code)
+    key = IMPORTANCE.key(spec, inputs)
     ref_key = f"importance/{recipe_name or 'model'}-{teacher.digest[:8]}-{key[:8]}"
     cached = store.read_ref(ref_key, ArtifactRef)
     if cached is not None and store.verify(cached.uri, cached.digest):
@@ -86,7 +86,7 @@ def run_importance(spec: ImportanceSpec, inputs: dict, store, recipe_name: str =
     save_scores(scores, work / SCORES_FILE, metadata)
     uri = store.publish(work, ref_key)
     ref = ArtifactRef(uri=uri, digest=store.published_digest(uri), kind="importance_scores", metadata=metadata,
-                      lineage=Lineage(stage="importance", spec_digest=json_digest(spec), code_digest=code,
+                      lineage=Lineage(stage="importance", spec_digest=json_digest(spec), code_digest=IMPORTANCE.code(),
                                       parents=[teacher.digest, data.digest], recipe_name=recipe_name))
     store.write_ref(ref_key, ref)
     return ref
@@ -113,8 +113,7 @@ def prune_checkpoint(teacher_dir: Path, out_dir: Path, scores, target: PruneTarg
 def run_prune(spec: PruneStageSpec, inputs: dict, store) -> ModelRef:
     teacher: ModelRef = inputs["teacher"]
     scores_ref: ArtifactRef = inputs["scores"]
-    code = code_digest(compression.prune, sys.modules[__name__])
-    key = stage_key("prune", spec, [teacher.digest, scores_ref.digest], code)
+    key = PRUNE.key(spec, inputs)
     ref_key = f"prune/{spec.name}-{teacher.digest[:8]}-{key[:8]}"
     cached = store.read_ref(ref_key, ModelRef)
     if cached is not None and store.verify(cached.uri, cached.digest):
@@ -127,7 +126,7 @@ def run_prune(spec: PruneStageSpec, inputs: dict, store) -> ModelRef:
                                {"teacher_digest": teacher.digest, "scores_digest": scores_ref.digest})
     uri = store.publish(work / MODEL_DIR, f"{ref_key}/{MODEL_DIR}")
     ref = ModelRef(uri=uri, digest=store.published_digest(uri), architecture=ArchSummary(**summary),
-                   lineage=Lineage(stage="prune", spec_digest=json_digest(spec), code_digest=code,
+                   lineage=Lineage(stage="prune", spec_digest=json_digest(spec), code_digest=PRUNE.code(),
                                    parents=[teacher.digest, scores_ref.digest], recipe_name=spec.name))
     store.write_ref(ref_key, ref)
     return ref
@@ -140,8 +139,7 @@ def run_search(spec: SearchStageSpec, inputs: dict, store) -> ArtifactRef:
     teacher: ModelRef = inputs["teacher"]
     scores_ref: ArtifactRef = inputs["scores"]
     data: DataRef = inputs["data"]
-    code = code_digest(sys.modules["compression.search"], sys.modules["compression.distill"], compression.prune)
-    key = stage_key("search", spec, [teacher.digest, scores_ref.digest, data.digest], code)
+    key = SEARCH.key(spec, inputs)
     ref_key = f"search/{spec.name}-{teacher.digest[:8]}-{key[:8]}"
     cached = store.read_ref(ref_key, ArtifactRef)
     if cached is not None and store.verify(cached.uri, cached.digest):
@@ -157,7 +155,7 @@ def run_search(spec: SearchStageSpec, inputs: dict, store) -> ArtifactRef:
     uri = store.publish(work / "report", f"{ref_key}/report")
     ref = ArtifactRef(uri=uri, digest=store.published_digest(uri), kind="search_report",
                       metadata={"chosen_target": report["chosen"]["target"]},
-                      lineage=Lineage(stage="search", spec_digest=json_digest(spec), code_digest=code,
+                      lineage=Lineage(stage="search", spec_digest=json_digest(spec), code_digest=SEARCH.code(),
                                       parents=[teacher.digest, scores_ref.digest, data.digest], recipe_name=spec.name))
     store.write_ref(ref_key, ref)
     return ref

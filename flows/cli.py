@@ -30,8 +30,16 @@ def cmd_validate(args) -> int:
 def _describe(name: str, ref) -> str:
     from model.architectures import format_parameters
 
-    metrics = ", ".join(f"{k} {v:.4g}" for k, v in getattr(ref, "metrics", {}).items())
-    size = f"{format_parameters(ref.architecture.parameters)} parameters" if hasattr(ref, "architecture") else ref.kind
+    if isinstance(ref, str):  # a registered version
+        return f"{name:<9} {ref}"
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in getattr(ref, "metrics", {}).items() if isinstance(v, int | float))
+    if hasattr(ref, "architecture"):
+        size = f"{format_parameters(ref.architecture.parameters)} parameters"
+    elif hasattr(ref, "gates"):
+        size = "; ".join(f"gate {label}: {'passed' if g.passed else 'failed: ' + '; '.join(g.reasons)}"
+                         for label, g in ref.gates.items()) or "report"
+    else:
+        size = getattr(ref, "kind", type(ref).__name__)
     return f"{name:<9} {size}{'; ' + metrics if metrics else ''}\n          {ref.uri}"
 
 
@@ -47,7 +55,44 @@ def _run_until(args, until: str) -> int:
     data = refs.pop("data")
     print(f"data      {data.train_tokens:,} training / {data.validation_tokens:,} validation tokens\n          {data.uri}")
     for name, ref in refs.items():
-        print(_describe(name, ref))
+        if ref is not None and name != "gate":
+            print(_describe(name, ref))
+    return 0
+
+
+def prefect_environment() -> None:
+    """Embedded defaults for running flows on a laptop: Prefect's ephemeral server with a start-up
+    timeout that a 2-core machine meets (its first start can take over 20 s), and task results
+    persisted beside the artifacts. Anything already set in the environment wins."""
+    from registry.store import artifact_root
+
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry attempts
+    root = artifact_root()
+    if not root.startswith("s3://"):
+        from pathlib import Path
+
+        os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(root).resolve() / "prefect-results"))
+
+
+def cmd_run(args) -> int:
+    """The whole factory as a Prefect flow; prints the teacher/student table and the model URI."""
+    recipe = _load_or_exit(args.recipe)
+    prefect_environment()
+    from flows.factory import factory, summary_table
+    from flows.recipe import summary
+
+    print(summary(recipe))
+    refs = factory(recipe)
+    print()
+    print(summary_table(refs))
+    if (gate := refs.get("gate")) is not None:
+        print(f"gate: {'passed' if gate.passed else 'failed: ' + '; '.join(gate.reasons)}")
+    from registry.store import open_store
+
+    print(f"report: {open_store().fetch(refs['evaluation'].uri)}/report.md")
+    print("UIs: `factory up` starts Prefect (flow runs, artifacts) and MLflow (runs, registry) on this machine")
+    print(refs["student_version"])
     return 0
 
 
@@ -61,6 +106,10 @@ def cmd_compress(args) -> int:
 
 def cmd_distill(args) -> int:
     return _run_until(args, "distill")
+
+
+def cmd_evaluate(args) -> int:
+    return _run_until(args, "evaluate")
 
 
 def _fail(problems: list[tuple[str, str]], source: str) -> None:
@@ -162,6 +211,35 @@ def cmd_models_get(args) -> int:
     return 0
 
 
+def cmd_sdg(args) -> int:
+    """Synthetic data (sdg/): prompts, responses, scores and filters -> SFT and preference datasets."""
+    from flows.pipeline import prepare_data, resolve_start_from, teacher_ref
+    from registry.store import open_store
+    from sdg.spec import TEACHER
+    from sdg.stage import checkpoint_ref, run_sdg
+
+    recipe = _load_or_exit(args.recipe)
+    if recipe.sdg is None:
+        _fail([("sdg", "the recipe has no sdg section")], args.recipe)
+    store = open_store()
+    inputs = {}
+    for name, uri in recipe.sdg.checkpoints().items():  # teacher, models:/ and s3:// to local checkpoints
+        if uri == TEACHER:
+            data, teacher_dir = prepare_data(recipe, store)
+            inputs[name] = teacher_ref(recipe, store, data, teacher_dir)
+        elif uri.startswith(("models:/", "s3://")):
+            inputs[name] = checkpoint_ref(resolve_start_from(uri, store))
+    ref = run_sdg(recipe.sdg, inputs, store, recipe.name)
+    steps = ref.metadata["stats"]
+    generated = sum(s.get("generated", 0) for s in steps.values())
+    reused = sum(s.get("reused", 0) for s in steps.values())
+    ranked = ", ".join(f"{k.removeprefix('by_')} {v}" for k, v in steps.get("pairs", {}).items() if k.startswith("by_"))
+    print(f"sdg  {ref.metadata['sft_rows']} SFT rows, {ref.metadata['preference_rows']} preference pairs"
+          f"{' (' + ranked + ')' if ranked else ''}; {generated} records generated or scored, {reused} reused")
+    print(ref.uri)
+    return 0
+
+
 EXIT_GATE_FAILED = 3
 
 
@@ -227,6 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.set_defaults(func=cmd_validate)
 
+    p = commands.add_parser("run", help="the whole factory flow (Prefect); prints the registered model URI")
+    p.add_argument("recipe")
+    p.set_defaults(func=cmd_run)
+
+    p = commands.add_parser("evaluate", help="evaluate the recipe's teacher and distilled student (report + gate)")
+    p.add_argument("recipe")
+    p.set_defaults(func=cmd_evaluate)
+
     p = commands.add_parser("pretrain", help="prepare data and pretrain the recipe's model")
     p.add_argument("recipe")
     p.set_defaults(func=cmd_pretrain)
@@ -271,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="a prepared data folder (meta.json + shards) for validation loss")
     p.add_argument("--recipe", help="take the evaluate section (and the data) from this recipe")
     p.set_defaults(func=cmd_eval)
+
+    p = commands.add_parser("sdg", help="synthetic data: prompts, responses, reward scores, filters -> "
+                                        "SFT and preference datasets (resumable per record)")
+    p.add_argument("recipe")
+    p.set_defaults(func=cmd_sdg)
     return parser
 
 

@@ -13,8 +13,10 @@ opens a store and passes it in.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -66,6 +68,30 @@ def json_digest(value) -> str:
 def code_digest(*modules) -> str:
     """Digest of the source of the modules a stage runs: editing them invalidates its cache."""
     return hashlib.sha256("".join(inspect.getsource(m) for m in modules).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's identity for caching: its name and the modules whose source is its code.
+
+    ``key`` is the cache key of DESIGN.md: stage, spec digest, input digests, code digest.
+    The stage functions and the Prefect tasks that wrap them compute it the same way."""
+
+    name: str
+    modules: tuple[str, ...]
+
+    def code(self) -> str:
+        return code_digest(*(importlib.import_module(m) for m in self.modules))
+
+    def key(self, spec, inputs: dict) -> str:
+        digests = {name: _ref_digest(value) for name, value in sorted(inputs.items())}
+        return json_digest({"stage": self.name, "spec": json_digest(spec), "inputs": digests, "code": self.code()})
+
+
+def _ref_digest(value):
+    if isinstance(value, list | tuple):
+        return [_ref_digest(v) for v in value]
+    return getattr(value, "digest", None) or json_digest(value)
 
 
 class ArchSummary(BaseModel):

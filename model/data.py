@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from model.contract import combine_digests, file_digest, json_digest
-from model.specs import DataSpec
+from model.specs import DOCUMENT_SUFFIXES, DataSpec
 
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py"}
 TABLE_SUFFIXES = {".jsonl", ".parquet"}
+TEXT_SUFFIXES = DOCUMENT_SUFFIXES - TABLE_SUFFIXES
 _STDLIB_TEST_DIRS = {"test", "tests", "idle_test"}
 
 

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 import model.architectures
@@ -27,7 +26,16 @@ import model.tokenizer
 import model.train
 from model import distributed
 from model.architectures import format_parameters, get_family
-from model.contract import ArchSummary, ArtifactRef, DataRef, Lineage, ModelRef, code_digest, json_digest
+from model.contract import (
+    ArchSummary,
+    ArtifactRef,
+    DataRef,
+    Lineage,
+    ModelRef,
+    Stage,
+    code_digest,
+    json_digest,
+)
 from model.data import PackedTokens, is_validation, iter_documents, open_source, pack_split, source_digest
 from model.fsutil import atomic_write_text
 from model.specs import DataSpec, ModelSpec, Section, TokenizerSpec, TrainSpec
@@ -38,6 +46,24 @@ MODEL_DIR = "model"
 HISTORY_FILE = "training_history.json"  # in the model folder: per-step loss, lr, tokens/s, val loss
 
 
+class DataStageSpec(Section):
+    """What data preparation reads from a recipe."""
+
+    data: DataSpec
+    tokenizer: TokenizerSpec
+
+
+DATA = Stage("data", ("model.data", "model.tokenizer", "model.pretrain"))
+
+
+def data_key(spec: DataStageSpec) -> str:
+    """The data stage's cache key: its spec, the source's contents and a given tokenizer's files."""
+    inputs = {"source": source_digest(spec.data, open_source(spec.data))}
+    if spec.tokenizer.path is not None:
+        inputs["tokenizer"] = tokenizer_digest(Path(spec.tokenizer.path).expanduser())
+    return DATA.key(spec, inputs)
+
+
 class PretrainSpec(Section):
     """What pretraining reads from a recipe."""
 
@@ -46,9 +72,10 @@ class PretrainSpec(Section):
     train: TrainSpec
 
 
-def stage_key(stage: str, spec: BaseModel, input_digests: list[str], code: str) -> str:
-    """The cache key of DESIGN.md: stage, spec digest, input digests, code version."""
-    return json_digest({"stage": stage, "spec": json_digest(spec), "inputs": input_digests, "code": code})
+# Every family's module: editing any architecture invalidates pretraining caches (cheap to be safe).
+PRETRAIN = Stage("pretrain", ("model.train", "model.checkpoint", "model.pretrain", "model.architectures",
+                              "model.nemotron_h", "model.hymba", "model.hymba.modeling_hymba",
+                              "model.hymba.configuration_hymba"))
 
 
 # --------------------------------------------------------------------------------------
@@ -135,14 +162,10 @@ def run_pretrain(spec: PretrainSpec, inputs: dict[str, DataRef], store,
                  callbacks: tuple[StepCallback, ...] = ()) -> ModelRef:
     """Pretrain a model from scratch on ``inputs['data']``; resumes from the newest checkpoint."""
     data_ref = inputs["data"]
-    family = get_family(spec.model.family)
-    code = code_digest(model.train, model.checkpoint, model.architectures,
-                       *[sys.modules[name] for name in sorted({f.__module__ for f in (
-                           family.build_config, family.model_class, family.summarize)})])
-    key = stage_key("pretrain", spec, [data_ref.digest], code)
+    key = PRETRAIN.key(spec, inputs)
     tokenizer = load_tokenizer(store.fetch(data_ref.tokenizer_uri))
     config = build_model_config(spec.model, tokenizer)
-    summary = family.summarize(config)
+    summary = get_family(spec.model.family).summarize(config)
     name = f"{spec.name}-{spec.model.family}-{format_parameters(summary['parameters'])}-{key[:8]}"
     ref_key = f"pretrain/{name}"
 
@@ -165,7 +188,7 @@ def run_pretrain(spec: PretrainSpec, inputs: dict[str, DataRef], store,
         uri=uri,
         digest=store.published_digest(uri),
         architecture=ArchSummary(**summary),
-        lineage=Lineage(stage="pretrain", spec_digest=json_digest(spec), code_digest=code,
+        lineage=Lineage(stage="pretrain", spec_digest=json_digest(spec), code_digest=PRETRAIN.code(),
                         parents=[data_ref.digest], recipe_name=spec.name),
         metrics=history["metrics"],
     )

@@ -42,12 +42,17 @@ class DataSpec(Section):
             if source.startswith("builtin:") and source not in BUILTIN_SOURCES:
                 raise ValueError(f"unknown built-in corpus {source!r}; choose one of {sorted(BUILTIN_SOURCES)}")
             return source
-        if not Path(source).expanduser().exists():
+        path = Path(source).expanduser()
+        if not path.exists():
             raise ValueError(f"data path does not exist: {source}")
+        if path.is_dir() and not any(p.suffix in DOCUMENT_SUFFIXES for p in path.rglob("*") if p.is_file()):
+            raise ValueError(f"no {'/'.join(sorted(DOCUMENT_SUFFIXES))} files in {source}")
         return source
 
 
 BUILTIN_SOURCES = {"builtin:stdlib", "builtin:stdlib-with-tests"}
+# Files a folder source reads: a document per text file, per JSONL line, per Parquet row.
+DOCUMENT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl", ".parquet"}
 
 
 class TokenizerSpec(Section):

@@ -35,7 +35,14 @@ from model.contract import MANIFEST_NAME, ModelRef, combine_digests, folder_file
 from model.fsutil import atomic_write_text
 from registry.secrets import scrub_text
 from registry.store import S3Store, build_manifest, local_copy_is_whole, parse_s3_uri, work_root
-from registry.tracking import client, configure_tracking, ensure_experiment, finish_run, git_commit
+from registry.tracking import (
+    client,
+    configure_tracking,
+    ensure_experiment,
+    finish_run,
+    git_commit,
+    metric_name,
+)
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 DIGEST_TAG = "checkpoint_digest"
@@ -118,7 +125,7 @@ def set_gate_result(model_name: str, version: str, passed: bool, metrics: dict[s
     move ``champion`` to it only when the gate passed."""
     c = client()
     for name, value in (metrics or {}).items():
-        c.set_model_version_tag(model_name, str(version), f"metric.{name}", f"{value:.6g}")
+        c.set_model_version_tag(model_name, str(version), f"metric.{metric_name(name)}", f"{value:.6g}")
     c.set_model_version_tag(model_name, str(version), "eval_status", "passed" if passed else "failed")
     if passed:
         c.set_registered_model_alias(model_name, CHAMPION, str(version))
@@ -147,7 +154,7 @@ def lineage_tags(c, ref: ModelRef, recipe_digest: str = "", data_digest: str = "
         "tokens_seen": str(int(ref.metrics["tokens_seen"])) if "tokens_seen" in ref.metrics else "",
         "git_commit": git_commit(),
     }
-    tags |= {f"metric.{k}": f"{ref.metrics[k]:.6g}" for k in key_metrics if k in ref.metrics}
+    tags |= {f"metric.{metric_name(k)}": f"{ref.metrics[k]:.6g}" for k in key_metrics if k in ref.metrics}
     return {k: v for k, v in tags.items() if v}
 
 

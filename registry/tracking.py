@@ -248,11 +248,16 @@ def metrics_callback(run_id: str):
     return log_record
 
 
+def metric_name(name: str) -> str:
+    """MLflow allows letters, digits, ``_ - . : /`` and spaces: ``decode_tokens_per_s@b1_L32`` -> ``..._per_s.b1_L32``."""
+    return re.sub(r"[^\w\-. :/]", ".", name)
+
+
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+    batch = [Metric(metric_name(k), float(v), now, step or 0) for k, v in metrics.items()
              if isinstance(v, (int, float)) and math.isfinite(float(v))]
     client().log_batch(run_id, metrics=batch)
 
