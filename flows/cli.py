@@ -213,7 +213,7 @@ def cmd_models_get(args) -> int:
 
 def cmd_sdg(args) -> int:
     """Synthetic data (sdg/): prompts, responses, scores and filters -> SFT and preference datasets."""
-    from flows.pipeline import prepare_data, resolve_start_from, teacher_ref
+    from flows import pipeline
     from registry.store import open_store
     from sdg.spec import TEACHER
     from sdg.stage import checkpoint_ref, run_sdg
@@ -222,13 +222,13 @@ def cmd_sdg(args) -> int:
     if recipe.sdg is None:
         _fail([("sdg", "the recipe has no sdg section")], args.recipe)
     store = open_store()
-    inputs = {}
+    inputs, teacher = {}, None
     for name, uri in recipe.sdg.checkpoints().items():  # teacher, models:/ and s3:// to local checkpoints
-        if uri == TEACHER:
-            data, teacher_dir = prepare_data(recipe, store)
-            inputs[name] = teacher_ref(recipe, store, data, teacher_dir)
+        if uri == TEACHER:  # pretrained by the recipe (or its start_from), from cache when done
+            teacher = teacher or pipeline.run(recipe, store, until="pretrain")["teacher"]
+            inputs[name] = teacher
         elif uri.startswith(("models:/", "s3://")):
-            inputs[name] = checkpoint_ref(resolve_start_from(uri, store))
+            inputs[name] = checkpoint_ref(pipeline.resolve_start_from(uri, store))
     ref = run_sdg(recipe.sdg, inputs, store, recipe.name)
     steps = ref.metadata["stats"]
     generated = sum(s.get("generated", 0) for s in steps.values())

@@ -19,6 +19,7 @@ from model.evaluation.spec import EvaluateSpec
 from model.pretrain import PretrainSpec, build_model_config
 from model.specs import DataSpec, FieldErrors, ModelSpec, TokenizerSpec, TrainSpec
 from registry.specs import RegisterSpec
+from sdg.spec import SDGSpec
 
 
 class Recipe(BaseModel):
@@ -39,6 +40,7 @@ class Recipe(BaseModel):
     distill: DistillSpec | None = None
     evaluate: EvaluateSpec = EvaluateSpec()
     registry: RegisterSpec = RegisterSpec()
+    sdg: SDGSpec | None = None  # synthetic data generation (factory sdg), sdg/spec.py
 
     @field_validator("start_from")
     @classmethod
@@ -162,4 +164,6 @@ def summary(recipe: Recipe) -> str:
         d = recipe.distill.train
         lines.append(f"  distill  {d.steps} steps x {d.batch_size} x {recipe.data.seq_len} = "
                      f"{d.steps * d.batch_size * recipe.data.seq_len:,} tokens, T={recipe.distill.temperature}")
+    if recipe.sdg is not None:
+        lines.append(f"  sdg  {recipe.sdg.describe()}")
     return "\n".join(lines)

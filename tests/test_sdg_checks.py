@@ -1,0 +1,350 @@
+"""SDG pieces that need no model: list parsing, verifiers, the code sandbox, dedup, record
+shards, pair ranking, the judge's agreement rule, and the recipe section's errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+from random import Random
+
+import pytest
+
+from flows.recipe import RecipeError, parse_recipe
+from sdg.dedup import dedup
+from sdg.parsing import extract_code, final_answer, parse_list, parse_single
+from sdg.responses import choose_pair
+from sdg.scorers import agreed_winner, combine, parse_verdict
+from sdg.shards import RecordShards, record_key
+from sdg.spec import NEMOTRON_REWARD_WEIGHTS, SDGSpec
+from sdg.verifiers import (
+    CONSTRAINTS,
+    answer_matches,
+    check_constraints,
+    make_constraint,
+    network_namespace_available,
+    run_code,
+    verify_code,
+)
+
+# --------------------------------------------------------------------------------------
+# Parsing: items come from the text, never from anywhere else
+# --------------------------------------------------------------------------------------
+
+
+def test_parse_list_reads_numbered_bulleted_and_json_lists():
+    text = "Sure! Here are some topics:\n1. Rivers of Europe\n2) Volcanoes\n- Ocean currents\n* **Deserts**\nThanks."
+    assert parse_list(text) == ["Rivers of Europe", "Volcanoes", "Ocean currents", "Deserts"]
+    assert parse_list('Topics: ["Glaciers", "Lakes", "glaciers"]') == ["Glaciers", "Lakes"]  # duplicates dropped
+    assert parse_list("1. a topic\n2. another topic\n3. third", limit=2) == ["a topic", "another topic"]
+
+
+def test_parse_list_never_invents_items():
+    assert parse_list("I cannot think of any topics right now.") == []
+    assert parse_list("") == []
+    # A JSON array whose strings are escaped differently from the text is not trusted:
+    assert parse_list('["caf\\u00e9 culture"]') == []
+    for text in ["1. Rivers\n2. \n3. Lakes", "- x\n- Mountains and hills", "Question 1: Why is the sky blue?"]:
+        assert all(item in text for item in parse_list(text))
+    assert parse_list("Question 1: Why is the sky blue?") == ["Why is the sky blue?"]
+
+
+def test_parse_single_strips_labels_only():
+    assert parse_single('Revised question: "How do rivers form deltas?"') == "How do rivers form deltas?"
+    assert parse_single("  \n ") == ""
+    assert parse_single("What is 2+2?") == "What is 2+2?"
+
+
+def test_final_answer_and_code_extraction():
+    assert final_answer("so x = 4, and the total is \\boxed{12}.") == "12"
+    assert final_answer("Natalia sold 48/2 = 24 clips.\n#### 72") == "72"
+    assert final_answer("Step 1 ... Answer: $1,200.") == "$1,200"
+    assert final_answer("It is 3 and then 7") == "7"
+    assert final_answer("no numbers here") is None
+    assert extract_code("Here:\n```python\ndef f():\n    return 1\n```\ndone") == "def f():\n    return 1"
+    assert extract_code("print(1)") == "print(1)"
+
+
+# --------------------------------------------------------------------------------------
+# Verifiers on hand-written cases
+# --------------------------------------------------------------------------------------
+
+CONSTRAINT_CASES = [  # (constraint, response that satisfies it, response that does not)
+    ({"kind": "min_words", "n": 5}, "one two three four five", "one two three"),
+    ({"kind": "max_words", "n": 3}, "short answer", "this answer is far too long"),
+    ({"kind": "paragraphs", "n": 2}, "First part.\n\nSecond part.", "Only one paragraph here."),
+    ({"kind": "keywords", "keywords": ["river", "delta"]}, "A River ends in a delta.", "A river ends in the sea."),
+    ({"kind": "no_commas"}, "No commas at all here.", "Well, there is one."),
+    ({"kind": "lowercase"}, "all lower case here", "Not all lower case"),
+    ({"kind": "uppercase"}, "ALL CAPS, 100%", "Mostly CAPS but not all"),
+    ({"kind": "end_phrase", "phrase": "Is there anything else I can help with?"},
+     "Done. Is there anything else I can help with?", "Is there anything else I can help with? Yes."),
+    ({"kind": "quotation"}, '"The whole thing is quoted."', 'The "middle" is quoted.'),
+    ({"kind": "bullets", "n": 2}, "* one\n* two", "* one\n* two\n* three"),
+    ({"kind": "title"}, "<<My Poem>>\nRoses are red.", "My Poem\nRoses are red."),
+    ({"kind": "json"}, '```json\n{"a": 1}\n```', "{'a': 1}"),
+]
+
+
+@pytest.mark.parametrize("constraint,good,bad", CONSTRAINT_CASES, ids=[c[0]["kind"] for c in CONSTRAINT_CASES])
+def test_constraint_checks(constraint, good, bad):
+    kind = constraint["kind"]
+    assert check_constraints(good, [constraint]) == {kind: True}
+    assert check_constraints(bad, [constraint]) == {kind: False}
+
+
+def test_every_constraint_kind_is_worded_and_checked():
+    assert {c[0]["kind"] for c in CONSTRAINT_CASES} == set(CONSTRAINTS)
+    rng = Random(0)
+    for kind in CONSTRAINTS:
+        c = make_constraint(kind, rng, "Describe the rivers and mountains of Europe")
+        assert c["kind"] == kind and c["instruction"].endswith(".")
+        json.dumps(c)  # stored in prompt records
+    assert make_constraint("keywords", Random(1), "Describe rivers and mountains")["keywords"][0] in (
+        "describe", "rivers", "mountains")
+
+
+@pytest.mark.parametrize("response,truth,expected", [
+    ("The answer is \\boxed{72}.", "72", True),
+    ("She has 48 + 24 clips.\n#### 72", "Natalia sold 48/2 = 24 clips in May.\n#### 72", True),
+    ("Answer: $1,200.00", "1200", True),
+    ("So the probability is \\boxed{3/4}", "0.75", True),
+    ("Answer: 50%", "50", True),
+    ("The answer is \\boxed{71}.", "72", False),
+    ("I am not sure.", "72", False),
+    ("\\boxed{x^2}", "x^2", True),
+    ("\\boxed{x^3}", "x^2", False),
+])
+def test_math_answers(response, truth, expected):
+    assert answer_matches(response, truth) is expected
+
+
+# --------------------------------------------------------------------------------------
+# The code sandbox
+# --------------------------------------------------------------------------------------
+
+
+def test_code_that_passes_or_fails_its_tests():
+    solution = "```python\ndef double(x):\n    return 2 * x\n```"
+    assert verify_code(solution, "assert double(3) == 6").passed
+    failing = verify_code(solution, "assert double(3) == 7")
+    assert not failing.passed and "AssertionError" in failing.stderr
+    assert not verify_code("```python\ndef broken(:\n```").passed
+
+
+def test_infinite_loop_is_stopped():
+    start = time.monotonic()
+    result = run_code("while True:\n    pass", timeout_s=1.0)
+    assert time.monotonic() - start < 5
+    assert result.timed_out and not result.passed
+
+
+def test_sleeping_child_processes_do_not_outlive_the_timeout():
+    result = run_code("import time\ntime.sleep(60)", timeout_s=0.5)
+    assert result.timed_out and result.seconds < 5
+
+
+@pytest.fixture
+def listener():
+    """A TCP server on 127.0.0.1 that records whether anyone connected."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.2)
+    yield server
+    server.close()
+
+
+def _assert_nobody_connected(server):
+    with pytest.raises(socket.timeout):
+        server.accept()
+
+
+@pytest.mark.parametrize("namespace", ["off", "auto"])
+def test_socket_open_is_stopped(listener, namespace):
+    port = listener.getsockname()[1]
+    code = f"import socket\ns = socket.socket()\ns.connect(('127.0.0.1', {port}))\nprint('connected')"
+    result = run_code(code, network_namespace=namespace)
+    assert not result.passed and "connected" not in result.stdout
+    assert "sandbox: socket.__new__ is not allowed" in result.stderr
+    _assert_nobody_connected(listener)
+    by_name = run_code(f"import urllib.request\nurllib.request.urlopen('http://localhost:{port}')",
+                       network_namespace=namespace)
+    assert not by_name.passed and "PermissionError" in by_name.stderr
+    _assert_nobody_connected(listener)
+
+
+@pytest.mark.skipif(not network_namespace_available(), reason="`unshare -rn` does not work here")
+def test_network_namespace_stops_sockets_made_past_the_audit_hook(listener):
+    """With a namespace, ctypes is allowed (numpy needs it); libc's own socket() and
+    connect() then reach no network at all."""
+    port = listener.getsockname()[1]
+    sockaddr = struct.pack("!HH4s8x", socket.AF_INET, port, socket.inet_aton("127.0.0.1"))
+    sockaddr = struct.pack("=H", socket.AF_INET) + sockaddr[2:]  # sa_family is host order
+    code = ("import ctypes, sys\nlibc = ctypes.CDLL(None, use_errno=True)\nfd = libc.socket(2, 1, 0)\n"
+            f"addr = ctypes.create_string_buffer({sockaddr!r}, {len(sockaddr)})\n"
+            f"rc = libc.connect(fd, addr, {len(sockaddr)})\nprint('fd', fd, 'rc', rc, 'errno', ctypes.get_errno())\n"
+            "sys.exit(0 if rc == 0 else 3)")
+    result = run_code(code, network_namespace="on")
+    assert result.returncode == 3, result.stderr  # the libc connect failed
+    _assert_nobody_connected(listener)
+    assert run_code("import numpy", network_namespace="on").passed
+
+
+def test_memory_processes_and_ctypes_are_limited():
+    big = run_code("x = bytearray(1024 * 1024 * 1024)", memory_mb=256)
+    assert not big.passed and "MemoryError" in big.stderr
+    spawn = run_code("import subprocess\nsubprocess.run(['echo', 'escaped'])")
+    assert not spawn.passed and "escaped" not in spawn.stdout and "subprocess.Popen" in spawn.stderr
+    fork = run_code("import os\nos.fork()")
+    assert not fork.passed and "os.fork" in fork.stderr
+    ctypes_off = run_code("import ctypes", network_namespace="off")
+    assert not ctypes_off.passed and "ctypes" in ctypes_off.stderr
+
+
+def test_sandbox_sees_no_secrets(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-leak")
+    result = run_code("import os\nprint(sorted(os.environ))")
+    assert result.passed and "AWS_SECRET_ACCESS_KEY" not in result.stdout
+
+
+# --------------------------------------------------------------------------------------
+# Dedup
+# --------------------------------------------------------------------------------------
+
+
+def test_exact_and_near_duplicates_are_removed_keeping_the_first():
+    texts = [
+        "How do rivers form deltas over thousands of years?",
+        "how do rivers form deltas over thousands of years",  # exact after normalization
+        "How do rivers form their deltas over thousands of years?",  # near duplicate
+        "What is the largest prime number below one hundred?",
+        "Explain photosynthesis to a ten year old child.",
+        "Rivers",
+        "rivers!",
+    ]
+    assert dedup(texts, near_threshold=0.7) == [0, 3, 4, 5]
+    assert dedup(texts, near_threshold=None) == [0, 2, 3, 4, 5]  # exact only
+
+
+def test_minhash_estimates_jaccard():
+    from sdg.dedup import MinHasher, shingles
+
+    a = "the quick brown fox jumps over the lazy dog near the river bank"
+    b = "the quick brown fox jumps over the lazy cat near the river bank"
+    true = len(shingles(a, 5) & shingles(b, 5)) / len(shingles(a, 5) | shingles(b, 5))
+    hasher = MinHasher(num_perm=256, seed=1)
+    estimate = float((hasher.signature(a) == hasher.signature(b)).mean())
+    assert abs(estimate - true) < 0.1
+
+
+# --------------------------------------------------------------------------------------
+# Record shards: per-record resume
+# --------------------------------------------------------------------------------------
+
+
+def test_shards_skip_a_torn_line_and_never_duplicate(tmp_path):
+    shards = RecordShards(tmp_path / "responses")
+    shards.append("a", "first")
+    shards.append("b", {"text": "second"})
+    shards.append("a", "ignored: a key is written once")
+    shards.close()
+    [part] = list((tmp_path / "responses").glob("part-*.jsonl"))
+    with open(part, "a") as f:
+        f.write('{"key": "c", "value": "torn by a ki')  # a kill in the middle of a write
+    again = RecordShards(tmp_path / "responses")
+    assert again.load() == {"a": "first", "b": {"text": "second"}}
+    again.append("c", "regenerated")
+    again.close()
+    assert len(list((tmp_path / "responses").glob("part-*.jsonl"))) == 2  # a new run writes its own part
+    assert RecordShards(tmp_path / "responses").load()["c"] == "regenerated"
+    assert record_key("x", {"b": 1, "a": 2}) == record_key("x", {"a": 2, "b": 1})
+
+
+# --------------------------------------------------------------------------------------
+# Ranking pairs and the judge's agreement rule
+# --------------------------------------------------------------------------------------
+
+
+def _response(key, text, passed=None, by="ground_truth", scores=None):
+    verdict = None if passed is None else {"passed": passed, "by": by}
+    return {"key": key, "text": text, "verdict": verdict, "scores": scores}
+
+
+def test_ground_truth_outranks_the_reward_model():
+    w = NEMOTRON_REWARD_WEIGHTS
+    high = {a: 4.0 for a in w}
+    low = {a: 0.0 for a in w}
+    wrong_but_liked = _response("r1", "\\boxed{71}", passed=False, scores=high)
+    right_but_disliked = _response("r2", "\\boxed{72}", passed=True, scores=low)
+    pair = choose_pair([wrong_but_liked, right_but_disliked], "reward_model", w)
+    assert pair["chosen"]["key"] == "r2" and pair["rejected"]["key"] == "r1" and pair["ranked_by"] == "ground_truth"
+    # Nothing correct: no pair, whatever the scores say.
+    assert choose_pair([wrong_but_liked, _response("r3", "\\boxed{70}", passed=False, scores=low)],
+                       "reward_model", w) is None
+
+
+def test_reward_model_ranks_when_nothing_checks_and_respects_the_margin():
+    w = {"helpfulness": 1.0}
+    a = _response("a", "good", scores={"helpfulness": 3.0})
+    b = _response("b", "bad", scores={"helpfulness": 1.0})
+    pair = choose_pair([b, a], "reward_model", w)
+    assert (pair["chosen"]["key"], pair["rejected"]["key"], pair["ranked_by"]) == ("a", "b", "reward_model")
+    assert choose_pair([b, a], "reward_model", w, min_margin=2.5) is None
+    assert choose_pair([a, _response("c", "tie", scores={"helpfulness": 3.0})], "reward_model", w) is None
+    assert choose_pair([a, b], "judge", w)["judge"] == (a, b)
+    assert choose_pair([a], "reward_model", w) is None
+
+
+def test_judge_pairs_are_kept_only_when_both_orders_agree():
+    assert parse_verdict("After comparing, [[B]] is better.") == "B"
+    assert parse_verdict("A") == "A"
+    assert parse_verdict("[[A]] or maybe [[B]]") is None
+    assert parse_verdict("both are fine") is None
+    # (x, y) asked as A=x, B=y, then as A=y, B=x:
+    assert agreed_winner("A", "B") == 0  # x both times
+    assert agreed_winner("B", "A") == 1  # y both times
+    assert agreed_winner("A", "A") is None  # always the first position: position bias, dropped
+    assert agreed_winner("B", "B") is None
+    assert agreed_winner(None, "A") is None
+
+
+def test_combine_uses_the_published_weights():
+    scores = {"helpfulness": 3.0, "correctness": 3.0, "coherence": 4.0, "complexity": 2.0, "verbosity": 2.0}
+    assert combine(scores, NEMOTRON_REWARD_WEIGHTS) == pytest.approx(
+        0.3 * 3 + 0.74 * 3 + 0.46 * 4 + 0.47 * 2 - 0.33 * 2)
+
+
+# --------------------------------------------------------------------------------------
+# The recipe section
+# --------------------------------------------------------------------------------------
+
+
+def test_bad_sdg_sections_name_the_field(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        parse_recipe({"name": "x", "sdg": {"generator": {"model": str(tmp_path / "nowhere")},
+                                          "open_qa": {"topics": []}, "filter": {"min_score": 1.0},
+                                          "instruction_following": {"constraints": ["rhyme"]}}})
+    problems = dict(e.value.problems)
+    assert "no checkpoint" in problems["sdg.generator.model"]
+    assert "seed topics" in problems["sdg.open_qa.topics"]
+    assert any(p.startswith("sdg.instruction_following.constraints") for p in problems)
+    with pytest.raises(RecipeError) as e:
+        parse_recipe({"name": "x", "sdg": {"generator": {"endpoint": "127.0.0.1:8000"}, "open_qa": {"topics": ["a"]}}})
+    assert "http" in dict(e.value.problems)["sdg.generator.endpoint"]
+    with pytest.raises(RecipeError) as e:
+        parse_recipe({"name": "x", "sdg": {"generator": {"model": "teacher"}, "writing": {}}})
+    assert "enable open_qa" in dict(e.value.problems)["sdg.writing.topics"]
+    bad_problems = tmp_path / "math.jsonl"
+    bad_problems.write_text('{"question": "1+1?", "answer": "2"}\n{"answer": "3"}\nnot json\n')
+    with pytest.raises(RecipeError) as e:
+        parse_recipe({"name": "x", "sdg": {"generator": {"model": "teacher"},
+                                          "math": {"problems_file": str(bad_problems)}}})
+    assert set(dict(e.value.problems)) == {"sdg.math.problems_file:2", "sdg.math.problems_file:3"}
+    with pytest.raises(RecipeError) as e:
+        parse_recipe({"name": "x", "sdg": {"generator": {"model": "teacher"}, "math": {"keywords": ["sums"]},
+                                          "filter": {"min_score": 1}}})
+    assert "reward_model" in dict(e.value.problems)["sdg.filter.min_score"]
+    ok = SDGSpec.model_validate({"generator": {"endpoint": "http://127.0.0.1:8000/v1"}, "open_qa": {"topics": ["a"]}})
+    assert ok.scorer.weights == NEMOTRON_REWARD_WEIGHTS and ok.checkpoints() == {}
