@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/factory pretrain recipes/tiny.yaml
+	$(BIN)/factory run recipes/tiny.yaml
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests

@@ -13,8 +13,9 @@ registration is idempotent on the checkpoint digest, so running the same recipe 
 a crash anywhere finishes the work and registers exactly one version.
 """
 
-from __future__ import annotations
 
+# No `from __future__ import annotations` here: Prefect builds each flow's parameter form
+# (the UI, deployments) from the real annotations, and string ones do not resolve in a worker.
 from pathlib import Path
 
 from prefect import flow, get_run_logger

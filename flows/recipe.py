@@ -120,30 +120,36 @@ class _VocabOnly:
 
 def summary(recipe: Recipe) -> str:
     """What ``factory validate`` prints: the resolved model size, tokens and steps."""
-    if recipe.tokenizer.path:
+    family = get_family(recipe.model.family)
+    if recipe.start_from:  # the teacher's own tokenizer: its preset's vocabulary
+        config = family.build_config(recipe.model.preset, recipe.model.overrides)
+    elif recipe.tokenizer.path:
         from model.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(recipe.tokenizer.path)
+        config = build_model_config(recipe.model, load_tokenizer(recipe.tokenizer.path))
     else:
-        tokenizer = _VocabOnly(recipe.tokenizer.vocab_size)
-    config = build_model_config(recipe.model, tokenizer)
-    arch = get_family(recipe.model.family).summarize(config)
+        config = build_model_config(recipe.model, _VocabOnly(recipe.tokenizer.vocab_size))
+    arch = family.summarize(config)
     kinds = arch["parameters_by_kind"]
 
     t = recipe.train
     tokens = t.steps * t.batch_size * recipe.data.seq_len
+    if recipe.start_from:
+        tokenizer = "the teacher's tokenizer"
+    else:
+        tokenizer = f"tokenizer {recipe.tokenizer.path}" if recipe.tokenizer.path else f"BPE vocabulary {recipe.tokenizer.vocab_size}"
     lines = [
         f"recipe {recipe.name}: valid",
         f"  model  {recipe.model.family} preset {recipe.model.preset}, {len(arch['layer_pattern'])} layers "
         f"{arch['layer_pattern']}, {format_parameters(arch['parameters'])} parameters",
         "         " + ", ".join(f"{kind} {format_parameters(n)}" for kind, n in kinds.items()),
-        f"  data   {recipe.data.source}, sequences of {recipe.data.seq_len} tokens, "
-        + (f"tokenizer {recipe.tokenizer.path}" if recipe.tokenizer.path else f"BPE vocabulary {recipe.tokenizer.vocab_size}"),
-        f"  train  {t.steps} steps x {t.batch_size} sequences x {recipe.data.seq_len} tokens = {tokens:,} tokens; "
-        f"{t.schedule} lr {t.lr:g}, warmup {t.warmup_steps}, {t.num_processes} process(es)",
+        f"  data   {recipe.data.source}, sequences of {recipe.data.seq_len} tokens, {tokenizer}",
     ]
     if recipe.start_from:
         lines.insert(1, f"  teacher  {recipe.start_from} (instead of pretraining; the model section describes it)")
+    else:
+        lines.append(f"  train  {t.steps} steps x {t.batch_size} sequences x {recipe.data.seq_len} tokens = {tokens:,} "
+                     f"tokens; {t.schedule} lr {t.lr:g}, warmup {t.warmup_steps}, {t.num_processes} process(es)")
     if recipe.compress is not None:
         c = recipe.compress
         if c.search is not None:
@@ -153,8 +159,13 @@ def summary(recipe: Recipe) -> str:
             combos = 1
             for n in choices + [len(space.keep_attention_layers)]:
                 combos *= n
-            budget = {k: v for k, v in c.search.budget.model_dump().items()
-                      if k in ("parameters", "parameter_tolerance", "memory_gib", "decode_latency_ms") and v is not None}
+            b = c.search.budget
+            budget = {k: v for k, v in (("parameters", b.parameters), ("memory_gib", b.memory_gib),
+                                        ("decode_latency_ms", b.decode_latency_ms)) if v is not None}
+            if b.parameters is not None:
+                budget["parameter_tolerance"] = b.parameter_tolerance
+            if b.memory_gib is not None:
+                budget |= {"context": b.context, "dtype": b.dtype}
             lines.append(f"  compress  importance on {c.importance.samples} sequences; search over {combos} "
                          f"combinations, budget {budget}; top {c.search.top_k} get {c.search.short_kd.train.steps} KD steps")
         else:

@@ -1,0 +1,133 @@
+"""``factory up`` / ``factory down``: the Prefect and MLflow servers (and optionally an S3-compatible
+server) on 127.0.0.1 as background processes, for the UIs over the factory's results.
+
+The Prefect server uses the same database as ``factory run``'s ephemeral server
+(``PREFECT_HOME``), and MLflow the same SQLite file and artifact folder as the embedded
+default, so runs made before ``factory up`` show in the UIs. What was started is written to
+``<artifact root>/local-stack.json``; ``factory down`` stops exactly that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from registry.store import artifact_root
+
+STATE_FILE = "local-stack.json"
+
+
+def _state_path() -> Path:
+    root = artifact_root()
+    base = Path(root) if not root.startswith("s3://") else Path(os.environ.get("FACTORY_WORK_DIR", Path.home() / ".cache/factory"))
+    return base.expanduser().resolve() / STATE_FILE
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def _wait(url: str, process: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited with {process.returncode}; see {log}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s; see {log}")
+
+
+def up(prefect_port: int = 4200, mlflow_port: int = 5000, s3_port: int | None = None, timeout: float = 180) -> dict:
+    """Start the servers (those not already running) and return what to export."""
+    from registry.tracking import default_tracking_uri
+
+    state_path = _state_path()
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        if all(_alive(s["pid"]) for s in state["servers"].values()):
+            return state
+    logs = state_path.parent / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    root = Path(artifact_root()).expanduser().resolve() if not artifact_root().startswith("s3://") else None
+    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    commands = {
+        "prefect": ([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                     str(prefect_port)], f"http://127.0.0.1:{prefect_port}/api/health"),
+    }
+    mlflow = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+              "--backend-store-uri", os.environ.get("MLFLOW_TRACKING_URI", default_tracking_uri())]
+    if s3_port is not None:
+        commands["s3"] = ([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+                          f"http://127.0.0.1:{s3_port}")
+        env |= {"MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}", "AWS_ACCESS_KEY_ID": "factory",
+                "AWS_SECRET_ACCESS_KEY": "factory"}  # moto accepts any key; a real S3 keeps the caller's
+        mlflow += ["--artifacts-destination", "s3://factory/mlflow"]
+    elif root is not None:
+        mlflow += ["--artifacts-destination", str(root / "mlartifacts")]
+    commands["mlflow"] = (mlflow, f"http://127.0.0.1:{mlflow_port}/health")
+
+    servers = {}
+    try:
+        for name, (command, health) in commands.items():
+            log = logs / f"{name}.log"
+            process = subprocess.Popen(command, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env,
+                                       start_new_session=True)  # its own process group: down stops children too
+            servers[name] = {"pid": process.pid, "url": health.removesuffix("/api/health").removesuffix("/health"),
+                             "log": str(log)}
+            _wait(health, process, timeout, log)
+            if name == "s3":
+                import boto3
+
+                boto3.client("s3", endpoint_url=servers["s3"]["url"], region_name="us-east-1",
+                             aws_access_key_id="factory", aws_secret_access_key="factory").create_bucket(Bucket="factory")
+    except BaseException:
+        for server in servers.values():
+            _stop(server["pid"])
+        raise
+    exports = {"PREFECT_API_URL": f"{servers['prefect']['url']}/api", "MLFLOW_TRACKING_URI": servers["mlflow"]["url"]}
+    if "s3" in servers:
+        exports |= {"AWS_ENDPOINT_URL": servers["s3"]["url"], "AWS_ACCESS_KEY_ID": "factory",
+                    "AWS_SECRET_ACCESS_KEY": "factory", "FACTORY_ARTIFACT_ROOT": "s3://factory/artifacts"}
+    state = {"servers": servers, "exports": exports}
+    state_path.write_text(json.dumps(state, indent=1))
+    return state
+
+
+def _stop(pid: int, grace: float = 15) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except OSError:
+        return
+    deadline = time.monotonic() + grace
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def down() -> list[str]:
+    """Stop what ``up`` started; returns the names of the servers stopped."""
+    state_path = _state_path()
+    if not state_path.is_file():
+        return []
+    state = json.loads(state_path.read_text())
+    for server in state["servers"].values():
+        _stop(server["pid"])
+    state_path.unlink()
+    return list(state["servers"])

@@ -1,0 +1,240 @@
+"""The factory as Prefect flows: registration with lineage, caching across runs, resume after a
+kill, a served deployment triggered through the API, and the deployment configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO, free_port, recipe_dict, wait_for_http, write_recipe
+
+STAGE_TASKS = ("prepare-data", "pretrain", "importance", "prune", "distill", "evaluate")
+FLOW_SECTIONS = dict(
+    compress={"importance": {"samples": 8, "batch_size": 4, "layer_samples": 4},
+              "target": {"hidden_size": 48, "intermediate_size": 64, "mamba_num_heads": 4}},
+    distill={"train": {"steps": 30, "batch_size": 8, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 2,
+                       "checkpoint_every": 10, "keep_checkpoints": 5, "eval_every": 30, "eval_batches": 2}},
+    evaluate={"sections": ["quality", "efficiency"],
+              "quality": {"validation_rows": 8, "generation_prompts": 2, "prompt_tokens": 8, "generation_tokens": 8},
+              "efficiency": {"batch_sizes": [1], "context_lengths": [32], "decode_tokens": 4, "repeats": 1},
+              "gate": {"max_val_loss_ratio": 1.5}},
+)
+
+
+@pytest.fixture(scope="module")
+def flow_env(tmp_path_factory):
+    """An artifact root, MLflow on SQLite and Prefect results for the in-process flows."""
+    base = tmp_path_factory.mktemp("flows")
+    env = {"FACTORY_ARTIFACT_ROOT": str(base / "artifacts"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}",
+           "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(base / "artifacts" / "prefect-results")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield base, env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def harness(flow_env):
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=240):
+        yield
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    """Task name (without the run suffix) -> state name, for one flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+def _run_factory_flow(recipe: Path):
+    from flows.factory import factory
+
+    state = factory(str(recipe), return_state=True)
+    assert state.is_completed(), state
+    return state.result(), state.state_details.flow_run_id
+
+
+def _versions(name: str) -> list:
+    from registry.tracking import client
+
+    return client().search_model_versions(f"name = '{name}'")
+
+
+def test_factory_flow_registers_a_champion_whose_lineage_points_to_its_teacher(corpus_dir, flow_env, harness):
+    base, _ = flow_env
+    recipe = write_recipe(base / "micro.yaml", recipe_dict(corpus_dir, **FLOW_SECTIONS))
+    refs, flow_run = _run_factory_flow(recipe)
+    assert set(STAGE_TASKS) <= set(_task_states(flow_run))
+
+    from registry.tracking import client
+
+    students, teachers = _versions("micro"), _versions("micro-teacher")
+    assert len(students) == 1 and len(teachers) == 1
+    student = students[0]
+    assert str(client().get_registered_model("micro").aliases.get("champion")) == str(student.version)
+    assert student.tags["parent_model"] == "micro-teacher" and student.tags["parent_version"] == str(teachers[0].version)
+    assert student.tags["checkpoint_digest"] == refs["distilled"].digest
+    assert refs["student_version"] == f"models:/micro/{student.version}"
+
+    # The Prefect UI shows each stage's summary and the training progress.
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as c:
+        keys = {a.key for a in c.read_artifacts()}
+    assert {"micro-pretrain", "micro-distill", "micro-distill-progress", "micro-evaluate"} <= keys
+
+
+def test_unchanged_rerun_is_cached_and_a_distill_change_recomputes_only_what_follows(corpus_dir, flow_env, harness):
+    base, _ = flow_env
+    recipe = write_recipe(base / "micro.yaml", recipe_dict(corpus_dir, **FLOW_SECTIONS))
+    _run_factory_flow(recipe)  # (already run by the test above when run together)
+
+    started = time.monotonic()
+    _, flow_run = _run_factory_flow(recipe)
+    elapsed = time.monotonic() - started
+    states = _task_states(flow_run)
+    assert all(states[t] == "Cached" for t in STAGE_TASKS), states
+    assert elapsed < 60, elapsed
+    assert len(_versions("micro")) == 1  # registration is idempotent on the digest
+
+    changed = FLOW_SECTIONS | {"distill": {"train": FLOW_SECTIONS["distill"]["train"] | {"lr": 2e-3}}}
+    recipe = write_recipe(base / "micro.yaml", recipe_dict(corpus_dir, **changed))
+    _, flow_run = _run_factory_flow(recipe)
+    states = _task_states(flow_run)
+    assert all(states[t] == "Cached" for t in ("prepare-data", "pretrain", "importance", "prune")), states
+    assert states["distill"] == "Completed" and states["evaluate"] == "Completed", states
+    assert len(_versions("micro")) == 2  # a new student, a new version
+
+
+def test_kill_during_distillation_then_rerun_resumes_and_registers_once(corpus_dir, tmp_path):
+    env = dict(os.environ, FACTORY_ARTIFACT_ROOT=str(tmp_path / "artifacts"), PREFECT_HOME=str(tmp_path / "prefect"),
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for key in ("PREFECT_API_URL", "PREFECT_RESULTS_LOCAL_STORAGE_PATH"):
+        env.pop(key, None)
+    recipe = write_recipe(tmp_path / "micro.yaml", recipe_dict(corpus_dir, **FLOW_SECTIONS))
+    command = [sys.executable, "-m", "flows.cli", "run", str(recipe)]
+    root = tmp_path / "artifacts"
+
+    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not list(root.glob("distill/*/checkpoints/step_00000010/COMPLETE")):
+        assert child.poll() is None and time.monotonic() < deadline, "the flow ended before distillation's checkpoint"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL
+    assert not list(root.glob("distill/*/model/model.safetensors"))
+
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = rerun.stdout + rerun.stderr
+    for stage in ("prepare-data", "pretrain", "importance", "prune"):
+        assert f"Task run '{stage}-" in log and "Cached" in log
+    assert "resuming distill micro from" in log
+    assert rerun.stdout.strip().splitlines()[-1] == "models:/micro/1"
+
+    check = subprocess.run([sys.executable, "-m", "flows.cli", "models", "list", "--json"], cwd=REPO, env=env,
+                           capture_output=True, text=True)
+    rows = [r for r in json.loads(check.stdout) if r["name"] == "micro"]
+    assert len(rows) == 1 and "champion" in rows[0]["aliases"]
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A real `prefect server start` on 127.0.0.1 (its own database) for the deployment test."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                                str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/api/health", timeout=240, process=process)
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+        log.close()
+
+
+def test_a_served_deployment_triggered_through_the_api_runs_to_completion(corpus_dir, tmp_path, prefect_server):
+    """What a click on 'Run' in the UI does: the server schedules a run, the served flow picks it up."""
+    env = dict(os.environ, PREFECT_API_URL=prefect_server, FACTORY_ARTIFACT_ROOT=str(tmp_path / "artifacts"),
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_RESULTS_LOCAL_STORAGE_PATH", None)
+    recipe = write_recipe(tmp_path / "micro.yaml", recipe_dict(corpus_dir))
+    serve = subprocess.Popen([sys.executable, "-c", "from flows.factory import pretrain; pretrain.serve(name='ci')"],
+                             cwd=REPO, env=env, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    try:
+        trigger = (
+            "import sys\n"
+            "from prefect.deployments import run_deployment\n"
+            "run = run_deployment('pretrain/ci', parameters={'recipe': sys.argv[1]}, timeout=600)\n"
+            "print(run.state.type.value)\n"
+        )
+        deadline = time.monotonic() + 240
+        while True:  # the deployment exists once serve() has registered it
+            result = subprocess.run([sys.executable, "-c", trigger, str(recipe)], cwd=REPO, env=env,
+                                    capture_output=True, text=True, timeout=900)
+            if result.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(3)
+        assert result.returncode == 0, result.stderr[-2000:] + (tmp_path / "serve.log").read_text()[-2000:]
+        assert result.stdout.strip().splitlines()[-1] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
+        assert list((tmp_path / "artifacts").glob("pretrain/*/model/model.safetensors"))
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=30)
+
+
+def test_prefect_yaml_and_work_pool_templates_are_valid():
+    import importlib
+
+    from prefect import Flow
+
+    config = yaml.safe_load((REPO / "deploy" / "prefect.yaml").read_text())
+    assert config["deployments"]
+    for deployment in config["deployments"]:
+        module, name = deployment["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), name)
+        assert isinstance(flow, Flow), deployment["name"]
+        recipe = deployment["parameters"]["recipe"]
+        assert (REPO / recipe).is_file(), recipe
+        flow.validate_parameters(deployment["parameters"])  # the UI form accepts them
+        assert deployment["work_pool"]["name"].startswith("factory-")
+        for schedule in deployment.get("schedules", []):
+            from prefect.client.schemas.schedules import CronSchedule
+
+            CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))
+
+    templates = {p.stem: json.loads(p.read_text()) for p in (REPO / "deploy" / "work-pools").glob("*.json")}
+    for name, template in templates.items():
+        assert set(template) == {"job_configuration", "variables"}, name
+        # every {{ variable }} the job uses is declared
+        used = {v.strip() for v in __import__("re").findall(r"{{\s*([\w]+)\s*}}", json.dumps(template["job_configuration"]))}
+        assert used <= set(template["variables"]["properties"]), (name, used - set(template["variables"]["properties"]))
+    pod = templates["kubernetes-gpu"]["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_limit }}"
+    assert pod["nodeSelector"] == "{{ node_selector }}"
+    requests = templates["docker-gpu"]["job_configuration"]["container_create_kwargs"]["device_requests"]
+    assert requests[0]["Capabilities"] == [["gpu"]] and requests[0]["Count"] == "{{ gpu_count }}"
+    assert "CUDA_VISIBLE_DEVICES" in templates["process"]["variables"]["properties"]["env"]["default"]
