@@ -78,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--context-lengths", type=int, nargs="+", default=[512, 2048])
-    parser.add_argument("--decode-tokens", type=int, default=8)
+    parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per point (median)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 on a shared machine, "
                                                    "where OpenMP threads waiting for busy cores distort timings")

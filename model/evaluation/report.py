@@ -57,39 +57,40 @@ def plot_loss_curves(histories: dict[str, list[dict]]) -> Figure | None:
 
 
 def plot_recall(results: dict[str, dict]) -> Figure | None:
-    """MQAR accuracy (mean over key-value counts) vs sequence length; passkey accuracy vs context length."""
-    with_recall = {label: r["recall"] for label, r in results.items() if r.get("recall")}
-    if not with_recall:
-        return None
-    fig, (mqar_ax, passkey_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    chance, lengths = {}, {"mqar": set(), "passkey": set()}
-    for label, recall in with_recall.items():
+    """MQAR accuracy (mean over key-value counts) vs sequence length; passkey accuracy vs context
+    length. One panel per test that has data; one line per model."""
+    series: dict[str, dict[str, tuple[list, list]]] = {"mqar": {}, "passkey": {}}
+    chance = {}
+    for label, result in results.items():
+        recall = result.get("recall") or {}
         by_length: dict[int, list[float]] = {}
         for row in recall.get("mqar", []):
             by_length.setdefault(row["seq_len"], []).append(row["accuracy"])
             chance["mqar"] = row["chance"]
         if by_length:
             xs = sorted(by_length)
-            mqar_ax.plot(xs, [statistics.fmean(by_length[n]) for n in xs], marker="o", label=label)
-            lengths["mqar"].update(xs)
+            series["mqar"][label] = (xs, [statistics.fmean(by_length[n]) for n in xs])
         rows = sorted(recall.get("passkey", []), key=lambda r: r["context_length"])
         if rows:
-            passkey_ax.plot([r["context_length"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=label)
+            series["passkey"][label] = ([r["context_length"] for r in rows], [r["accuracy"] for r in rows])
             chance["passkey"] = rows[0]["chance"]
-            lengths["passkey"].update(r["context_length"] for r in rows)
-    for ax, name, xlabel in ((mqar_ax, "mqar", "sequence length (tokens)"), (passkey_ax, "passkey", "context length (tokens)")):
-        if name in chance:
-            ax.axhline(chance[name], color="grey", linestyle=":", label="chance")
-        ax.set(xlabel=xlabel, ylabel="accuracy", ylim=(-0.02, 1.02))
-        if lengths[name]:
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(sorted(lengths[name]), [str(n) for n in sorted(lengths[name])])
-            ax.minorticks_off()
+    panels = [(name, title, xlabel) for name, title, xlabel in (
+        ("mqar", "MQAR (mean over key-value pairs)", "sequence length (tokens)"),
+        ("passkey", "Passkey retrieval", "context length (tokens)")) if series[name]]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (name, title, xlabel) in zip(axes[0], panels, strict=True):
+        for label, (xs, ys) in series[name].items():
+            ax.plot(xs, ys, marker="o", label=label)
+        ax.axhline(chance[name], color="grey", linestyle=":", label="chance")
+        lengths = sorted({x for xs, _ in series[name].values() for x in xs})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
+        ax.set(title=title, xlabel=xlabel, ylabel="accuracy", ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    mqar_ax.set_title("MQAR (mean over key-value pairs)")
-    passkey_ax.set_title("Passkey retrieval")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
