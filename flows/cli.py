@@ -96,6 +96,30 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_up(args) -> int:
+    """Local Prefect and MLflow servers (and S3 with --s3) in the background; prints what to export."""
+    from flows.local_stack import up
+
+    print("starting the local stack (Prefect and MLflow take ~20-60 s each on 2 cores) ...", file=sys.stderr)
+    state = up(args.prefect_port, args.mlflow_port, args.s3_port if args.s3 else None)
+    for name, server in state["servers"].items():
+        print(f"{name:8} {server['url']}   (log: {server['log']})")
+    print("\nUIs: Prefect " + state["servers"]["prefect"]["url"] + "   MLflow " + state["servers"]["mlflow"]["url"])
+    print("To run flows against them, export:")
+    for key, value in state["exports"].items():
+        print(f"  export {key}={value}")
+    print("Stop them with: factory down")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from flows.local_stack import down
+
+    stopped = down()
+    print(f"stopped: {', '.join(stopped)}" if stopped else "nothing to stop (factory up was not run here)")
+    return 0
+
+
 def cmd_pretrain(args) -> int:
     return _run_until(args, "pretrain")
 
@@ -309,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("run", help="the whole factory flow (Prefect); prints the registered model URI")
     p.add_argument("recipe")
     p.set_defaults(func=cmd_run)
+
+    p = commands.add_parser("up", help="start local Prefect and MLflow servers (and S3 with --s3) for the UIs")
+    p.add_argument("--prefect-port", type=int, default=4200)
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--s3", action="store_true", help="also an S3-compatible server (moto) for artifacts")
+    p.add_argument("--s3-port", type=int, default=9000)
+    p.set_defaults(func=cmd_up)
+
+    p = commands.add_parser("down", help="stop what `factory up` started")
+    p.set_defaults(func=cmd_down)
 
     p = commands.add_parser("evaluate", help="evaluate the recipe's teacher and distilled student (report + gate)")
     p.add_argument("recipe")
