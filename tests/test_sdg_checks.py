@@ -348,3 +348,72 @@ def test_bad_sdg_sections_name_the_field(tmp_path):
     assert "reward_model" in dict(e.value.problems)["sdg.filter.min_score"]
     ok = SDGSpec.model_validate({"generator": {"endpoint": "http://127.0.0.1:8000/v1"}, "open_qa": {"topics": ["a"]}})
     assert ok.scorer.weights == NEMOTRON_REWARD_WEIGHTS and ok.checkpoints() == {}
+
+
+# --------------------------------------------------------------------------------------
+# Prompt pipelines, with a scripted generator
+# --------------------------------------------------------------------------------------
+
+
+class ScriptedAsk:
+    """``ask(step, prompts)`` answering from a rule; records what each step was asked."""
+
+    def __init__(self, rule):
+        self.rule, self.asked = rule, {}
+
+    def __call__(self, step, prompts, samples=None, who="generator"):
+        self.asked.setdefault(step, []).extend(m[-1]["content"] for m in prompts)
+        return [self.rule(step, m[-1]["content"]) for m in prompts]
+
+
+def test_topics_are_deduplicated_before_any_question_is_asked():
+    from sdg import prompts as P
+    from sdg.spec import OpenQASpec
+
+    def rule(step, text):
+        if step == "macro_topics":
+            return "1. Oceans\n2. oceans.\n3. Deserts"
+        return "1. Ocean currents\n2. Ocean currents!\n3. Coral reefs"  # subtopics, with a duplicate
+
+    ask = ScriptedAsk(rule)
+    spec = OpenQASpec(topics=["Rivers", "rivers"], generate_topics=3, subtopics_per_topic=3)
+    found = P.topics(spec, ask, lambda texts: dedup(texts, 0.8))
+    assert found == ["Rivers", "Oceans", "Deserts", "Ocean currents", "Coral reefs"]
+    assert len(ask.asked["subtopics"]) == 3  # Rivers, Oceans, Deserts: no duplicate was expanded
+
+
+def test_open_questions_are_parsed_then_revised_without_inventing():
+    from sdg import prompts as P
+    from sdg.spec import OpenQASpec
+
+    def rule(step, text):
+        if step == "questions":
+            return "Here you go:\n1. How do rivers form?\n2. Why do rivers meander?" if "Rivers" in text else "no idea"
+        return 'Revised question: "' + text.split("Question: ")[1].split("\n")[0] + ' Explain with an example."'
+
+    ask = ScriptedAsk(rule)
+    records = P.open_qa_prompts(OpenQASpec(topics=["Rivers"], questions_per_topic=2), ["Rivers", "Clouds"], ask)
+    assert [r["messages"][0]["content"] for r in records] == [
+        "How do rivers form? Explain with an example.", "Why do rivers meander? Explain with an example."]
+    assert {r["meta"]["topic"] for r in records} == {"Rivers"}  # "no idea" gave no question for Clouds
+    assert len({r["id"] for r in records}) == 2
+
+
+def test_instruction_following_and_two_turn_prompts():
+    from sdg import prompts as P
+    from sdg.spec import InstructionFollowingSpec, TwoTurnSpec
+
+    base = [P.prompt_record("open_qa", P.user(f"Describe river number {i}"), {}) for i in range(5)]
+    base.append(P.prompt_record("math", P.user("What is 2+2?"), {}, answer="4"))
+    records = P.instruction_following_prompts(InstructionFollowingSpec(prompts=3, constraints=["no_commas"]), base, 0)
+    assert len(records) == 3 and all(r["constraints"][0]["kind"] == "no_commas" for r in records)
+    assert all(r["messages"][0]["content"].endswith("Do not use any commas in your response.") for r in records)
+    assert all(r["meta"]["base_kind"] == "open_qa" for r in records)  # general prompts, not math with an answer
+    assert records == P.instruction_following_prompts(InstructionFollowingSpec(prompts=3, constraints=["no_commas"]),
+                                                      list(reversed(base)), 0)  # seeded, order-independent
+
+    ask = ScriptedAsk(lambda step, text: "The river is long." if step == "two_turn_replies" else "How long is it?")
+    [two] = P.two_turn_prompts(TwoTurnSpec(prompts=1), base, ask, 0)
+    assert [m["role"] for m in two["messages"]] == ["user", "assistant", "user"]
+    assert two["messages"][1]["content"] == "The river is long." and two["messages"][2]["content"] == "How long is it?"
+    assert "ASSISTANT: The river is long." in ask.asked["two_turn_follow_ups"][0]
