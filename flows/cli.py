@@ -239,21 +239,12 @@ def cmd_sdg(args) -> int:
     """Synthetic data (sdg/): prompts, responses, scores and filters -> SFT and preference datasets."""
     from flows import pipeline
     from registry.store import open_store
-    from sdg.spec import TEACHER
-    from sdg.stage import checkpoint_ref, run_sdg
 
     recipe = _load_or_exit(args.recipe)
     if recipe.sdg is None:
         _fail([("sdg", "the recipe has no sdg section")], args.recipe)
-    store = open_store()
-    inputs, teacher = {}, None
-    for name, uri in recipe.sdg.checkpoints().items():  # teacher, models:/ and s3:// to local checkpoints
-        if uri == TEACHER:  # pretrained by the recipe (or its start_from), from cache when done
-            teacher = teacher or pipeline.run(recipe, store, until="pretrain")["teacher"]
-            inputs[name] = teacher
-        elif uri.startswith(("models:/", "s3://")):
-            inputs[name] = checkpoint_ref(pipeline.resolve_start_from(uri, store))
-    ref = run_sdg(recipe.sdg, inputs, store, recipe.name)
+    stages = pipeline.DirectStages(open_store())
+    ref = stages.sdg(recipe.sdg, pipeline.sdg_inputs(recipe, stages), recipe.name)
     steps = ref.metadata["stats"]
     generated = sum(s.get("generated", 0) for s in steps.values())
     reused = sum(s.get("reused", 0) for s in steps.values())

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.pipeline import compose, student_metrics
+from flows.pipeline import compose, sdg_inputs, student_metrics
 from flows.recipe import Recipe, load_recipe
 from registry.store import open_store
 from tasks import stages
@@ -45,8 +45,8 @@ def run_stage(task, store, *args, **kwargs):
 class PrefectStages:
     """Each stage as a Prefect task (flows/pipeline.py DirectStages, orchestrated and tracked)."""
 
-    def __init__(self, store, parent_run: str | None):
-        self.store, self.parent_run = store, parent_run
+    def __init__(self, store, parent_run: str | None, recipe_digest: str = ""):
+        self.store, self.parent_run, self.recipe_digest = store, parent_run, recipe_digest
 
     def prepare_data(self, spec, recipe_name):
         return run_stage(stages.prepare_data, self.store, spec, recipe_name, self.parent_run)
@@ -69,18 +69,26 @@ class PrefectStages:
     def evaluate(self, spec, inputs, recipe_name):
         return run_stage(stages.evaluate, self.store, spec, inputs, recipe_name, self.parent_run)
 
+    def sdg(self, spec, inputs, recipe_name):
+        return run_stage(stages.sdg, self.store, spec, inputs, recipe_name, self.recipe_digest, self.parent_run)
+
     def register(self, ref, model_name, **kwargs):
         return stages.register(ref, model_name, parent_run=self.parent_run, **kwargs)
 
 
 def _tracked_run(recipe: Recipe, until: str) -> dict:
+    """The stages up to ``until`` (or ``sdg``) as tasks, under one parent MLflow run."""
+    from model.contract import json_digest
     from registry import tracking
 
     tracking.configure_tracking()
     spec = recipe.registry
     with tracking.factory_run(recipe, experiment=spec.resolved_experiment(recipe.name),
                               tags={"factory.until": until}) as run_id:
-        refs = compose(recipe, until, PrefectStages(open_store(), run_id))
+        stages_ = PrefectStages(open_store(), run_id, json_digest(recipe))
+        if until == "sdg":
+            return {"sdg": stages_.sdg(recipe.sdg, sdg_inputs(recipe, stages_), recipe.name)}
+        refs = compose(recipe, until, stages_)
     gate = refs.get("gate")
     if gate is not None and not gate.passed:
         get_run_logger().warning(f"the gate failed ({'; '.join(gate.reasons)}); champion not moved")
@@ -117,7 +125,13 @@ def evaluate(recipe: Recipe | str) -> dict:
     return _tracked_run(as_recipe(recipe), "evaluate")
 
 
-FLOWS = {"factory": factory, "pretrain": pretrain, "compress": compress, "distill": distill, "evaluate": evaluate}
+@flow(name="sdg", log_prints=True)
+def sdg(recipe: Recipe | str) -> dict:
+    """Synthetic data generation: prompts, responses, scores, filters -> SFT and preference datasets."""
+    return _tracked_run(as_recipe(recipe), "sdg")
+
+
+FLOWS = {"sdg": sdg, "factory": factory, "pretrain": pretrain, "compress": compress, "distill": distill, "evaluate": evaluate}
 
 
 def summary_table(refs: dict) -> str:

@@ -98,6 +98,24 @@ def compose(recipe: Recipe, until: str, stages) -> dict:
     return refs
 
 
+def sdg_inputs(recipe: Recipe, stages) -> dict:
+    """The checkpoints the recipe's sdg section names: ``teacher`` (pretrained by the recipe, or
+    its start_from: from cache when done), ``models:/`` and ``s3://`` URIs, resolved to refs."""
+    from sdg.spec import TEACHER
+    from sdg.stage import checkpoint_ref
+
+    if recipe.sdg is None:
+        raise ValueError(f"recipe {recipe.name} has no sdg section")
+    inputs, teacher = {}, None
+    for name, uri in recipe.sdg.checkpoints().items():
+        if uri == TEACHER:
+            teacher = teacher or compose(recipe, "pretrain", stages)["teacher"]
+            inputs[name] = teacher
+        elif uri.startswith(("models:/", "s3://")):
+            inputs[name] = checkpoint_ref(resolve_start_from(uri, stages.store))
+    return inputs
+
+
 def student_metrics(evaluation) -> dict[str, float]:
     return next((m for label, m in evaluation.metrics.items() if label != evaluation.teacher), {})
 
@@ -130,6 +148,11 @@ class DirectStages:
         from model.evaluation.stage import run_evaluate
 
         return run_evaluate(spec, inputs, self.store, name=recipe_name)
+
+    def sdg(self, spec, inputs, recipe_name: str):
+        from sdg.stage import run_sdg
+
+        return run_sdg(spec, inputs, self.store, recipe_name)
 
     def register(self, ref, model_name: str, recipe_name: str, recipe_digest: str, data_digest: str,
                  key_metrics: list[str], gate_passed: bool | None = None, gate_metrics: dict | None = None) -> str:

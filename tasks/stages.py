@@ -186,6 +186,41 @@ def evaluate(spec: EvaluateSpec, inputs: dict, recipe_name: str, parent_run: str
     return evaluation
 
 
+@task(name="sdg", tags=["gpu"], cache_policy=StageCache(lambda spec, inputs: _sdg_key(spec, inputs)), **_TASK)
+def sdg(spec, inputs: dict, recipe_name: str, recipe_digest: str = "", parent_run: str | None = None) -> ArtifactRef:
+    """Synthetic SFT and preference data (resumable per record), logged as MLflow datasets."""
+    import time
+
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    from sdg.stage import run_sdg
+
+    artifact_id = create_progress_artifact(0.0, key=artifacts.artifact_key(recipe_name, "sdg-progress"),
+                                           description="synthetic records done (%)")
+    last = [0.0]
+
+    def progress(step: str, done: int, total: int) -> None:  # called per record: update every 2 s
+        if total and (time.monotonic() - last[0] > 2 or done == total):
+            last[0] = time.monotonic()
+            update_progress_artifact(artifact_id, 100.0 * done / total)
+
+    with _tracked(parent_run, "sdg", recipe_name) as run_id:
+        ref = run_sdg(spec, inputs, open_store(), recipe_name, progress=progress)
+        if run_id is not None:
+            from registry.sdg_tracking import log_sdg_output
+
+            log_sdg_output(run_id, ref, recipe_digest=recipe_digest)
+    artifacts.summarize_ref(recipe_name, "sdg", ref, notes=f"{ref.metadata.get('sft_rows')} SFT rows, "
+                                                           f"{ref.metadata.get('preference_rows')} preference pairs")
+    return ref
+
+
+def _sdg_key(spec, inputs) -> str:
+    from sdg.stage import sdg_key
+
+    return sdg_key(spec, inputs)
+
+
 @task(name="register", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=10),
       retry_condition_fn=retry_transient)
 def register(ref: ModelRef, model_name: str, recipe_name: str, recipe_digest: str, data_digest: str,
