@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from compression.specs import DistillSpec
 from model import distributed
 from model.architectures import get_family, load_pretrained
-from model.contract import ArchSummary, DataRef, Lineage, ModelRef, Stage, json_digest
+from model.contract import ArchSummary, DataRef, Lineage, ModelRef, Stage, json_digest, stored_ref
 from model.data import PackedTokens
 from model.fsutil import atomic_write_text
 from model.pretrain import HISTORY_FILE, MODEL_DIR
@@ -146,8 +146,7 @@ def run_distill(spec: DistillStageSpec, inputs: dict, store, callbacks: tuple[St
     data_ref: DataRef = inputs["data"]
     key = DISTILL.key(spec, inputs)
     ref_key = f"distill/{spec.name}-{student_ref.digest[:8]}-{key[:8]}"
-    cached = store.read_ref(ref_key, ModelRef)
-    if cached is not None and store.verify(cached.uri, cached.digest):
+    if (cached := stored_ref(store, ref_key, ModelRef)) is not None:
         return cached
 
     student_dir, teacher_dir = model_folder(store, student_ref), model_folder(store, teacher_ref)

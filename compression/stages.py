@@ -31,6 +31,7 @@ from model.contract import (
     Stage,
     folder_digest,
     json_digest,
+    stored_ref,
 )
 from model.data import PackedTokens
 from model.pretrain import MODEL_DIR
@@ -75,8 +76,7 @@ def run_importance(spec: ImportanceSpec, inputs: dict, store, recipe_name: str =
     data: DataRef = inputs["data"]
     key = IMPORTANCE.key(spec, inputs)
     ref_key = f"importance/{recipe_name or 'model'}-{teacher.digest[:8]}-{key[:8]}"
-    cached = store.read_ref(ref_key, ArtifactRef)
-    if cached is not None and store.verify(cached.uri, cached.digest):
+    if (cached := stored_ref(store, ref_key, ArtifactRef)) is not None:
         return cached
 
     net, _ = load_pretrained(model_folder(store, teacher), dtype=torch.float32)
@@ -115,8 +115,7 @@ def run_prune(spec: PruneStageSpec, inputs: dict, store) -> ModelRef:
     scores_ref: ArtifactRef = inputs["scores"]
     key = PRUNE.key(spec, inputs)
     ref_key = f"prune/{spec.name}-{teacher.digest[:8]}-{key[:8]}"
-    cached = store.read_ref(ref_key, ModelRef)
-    if cached is not None and store.verify(cached.uri, cached.digest):
+    if (cached := stored_ref(store, ref_key, ModelRef)) is not None:
         return cached
 
     scores, _ = load_scores(store.fetch(scores_ref.uri) / SCORES_FILE)
@@ -141,8 +140,7 @@ def run_search(spec: SearchStageSpec, inputs: dict, store) -> ArtifactRef:
     data: DataRef = inputs["data"]
     key = SEARCH.key(spec, inputs)
     ref_key = f"search/{spec.name}-{teacher.digest[:8]}-{key[:8]}"
-    cached = store.read_ref(ref_key, ArtifactRef)
-    if cached is not None and store.verify(cached.uri, cached.digest):
+    if (cached := stored_ref(store, ref_key, ArtifactRef)) is not None:
         return cached
 
     scores, _ = load_scores(store.fetch(scores_ref.uri) / SCORES_FILE)

@@ -145,6 +145,12 @@ class ArtifactRef(BaseModel):
     metadata: dict = Field(default_factory=dict)
 
 
+def stored_ref(store, key: str, cls: type[BaseModel]):
+    """The ref stored at ``key`` if its artifact is still whole, else None: a stage's cache hit."""
+    ref = store.read_ref(key, cls)
+    return ref if ref is not None and store.verify(ref.uri, ref.digest) else None
+
+
 class ArtifactStore(Protocol):
     """Where stages keep their work and publish their results (see registry/store.py)."""
 

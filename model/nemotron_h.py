@@ -97,23 +97,6 @@ PRESETS: dict[str, dict] = {
         chunk_size=32,
         max_position_embeddings=4096,
     ),
-    # The same depth with 4 heads per group, so heads can be cut by 25% and 50% group-aware.
-    "tiny-4hpg": dict(
-        pattern="M-M*-M-M-",
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        mamba_num_heads=32,
-        mamba_head_dim=16,
-        n_groups=8,
-        ssm_state_size=16,
-        conv_kernel=4,
-        chunk_size=32,
-        max_position_embeddings=4096,
-    ),
     # For unit tests: a few hundred thousand parameters, every layer type, 4 groups.
     "micro": dict(
         pattern="M-*M-",
@@ -132,6 +115,9 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=1024,
     ),
 }
+
+# The same depth with 4 heads per group, so heads can be cut by 25% and 50% group-aware.
+PRESETS["tiny-4hpg"] = dict(PRESETS["tiny"], mamba_num_heads=32, mamba_head_dim=16)
 
 # Fields a recipe may override: the preset keys plus every NemotronHConfig field.
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(NemotronHConfig)} | {"pattern"}

@@ -35,6 +35,7 @@ from model.contract import (
     Stage,
     code_digest,
     json_digest,
+    stored_ref,
 )
 from model.data import PackedTokens, is_validation, iter_documents, open_source, pack_split, source_digest
 from model.fsutil import atomic_write_text
@@ -91,8 +92,7 @@ def run_prepare_data(data: DataSpec, tokenizer: TokenizerSpec, store, recipe_nam
     tok_dir, tok_uri, tok_digest = _tokenizer_for(data, tokenizer, source, src_digest, store)
 
     key = f"data/{src_digest[:12]}-{tok_digest[:12]}-L{data.seq_len}"
-    cached = store.read_ref(key, DataRef)
-    if cached is not None and store.verify(cached.uri, cached.digest):
+    if (cached := stored_ref(store, key, DataRef)) is not None:
         return cached
 
     tok = load_tokenizer(tok_dir)
@@ -129,8 +129,7 @@ def _tokenizer_for(data: DataSpec, spec: TokenizerSpec, source, src_digest: str,
         key = f"tokenizers/given-{tokenizer_digest(given)[:16]}"
     else:
         key = f"tokenizers/bpe{spec.vocab_size}-{src_digest[:12]}-{json_digest(spec)[:8]}"
-    cached = store.read_ref(key, ArtifactRef)
-    if cached is not None and store.verify(cached.uri, cached.digest):
+    if (cached := stored_ref(store, key, ArtifactRef)) is not None:
         folder = store.fetch(cached.uri)
         return folder, cached.uri, tokenizer_digest(folder)
     folder = store.stage_dir("tokenizers", key.split("/", 1)[1])
@@ -169,8 +168,7 @@ def run_pretrain(spec: PretrainSpec, inputs: dict[str, DataRef], store,
     name = f"{spec.name}-{spec.model.family}-{format_parameters(summary['parameters'])}-{key[:8]}"
     ref_key = f"pretrain/{name}"
 
-    cached = store.read_ref(ref_key, ModelRef)
-    if cached is not None and store.verify(cached.uri, cached.digest):
+    if (cached := stored_ref(store, ref_key, ModelRef)) is not None:
         return cached
 
     work_dir = store.stage_dir("pretrain", name)

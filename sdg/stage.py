@@ -34,7 +34,7 @@ import sdg.prompts
 import sdg.responses
 import sdg.scorers
 import sdg.verifiers
-from model.contract import ArtifactRef, Lineage, Stage, code_digest, folder_digest, json_digest
+from model.contract import ArtifactRef, Lineage, Stage, code_digest, folder_digest, json_digest, stored_ref
 from sdg import prompts as P
 from sdg.backends import ChatRequest, open_generator
 from sdg.dedup import dedup
@@ -395,8 +395,7 @@ def run_sdg(spec: SDGSpec, inputs: dict | None, store, recipe_name: str = "sdg",
     code = SDG.code()
     key = SDG.key(spec, identities)
     ref_key = sdg_ref_key(recipe_name, key)
-    cached = store.read_ref(ref_key, ArtifactRef)
-    if cached is not None and store.verify(cached.uri, cached.digest):
+    if (cached := stored_ref(store, ref_key, ArtifactRef)) is not None:
         return cached
 
     folders = _resolve(spec, inputs, store)
