@@ -1,6 +1,6 @@
 """Inference efficiency: a ~100M hybrid teacher, its 50% student, and an attention-only model of equal size.
 
-    python bench/eval_efficiency.py --threads 1  # ~12 minutes on one CPU core
+    python bench/eval_efficiency.py --threads 1  # ~10-15 min of one core; --repeats 3 for steadier numbers
     python bench/eval_efficiency.py --quick      # batch 1 / 4, context 128 / 256: a minute
 
 All three models are transformers' NemotronHForCausalLM with random weights (speed does not
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--context-lengths", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per point (median)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per point (median)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 on a shared machine, "
                                                    "where OpenMP threads waiting for busy cores distort timings")
     parser.add_argument("--quick", action="store_true", help="batch 1 / 4, context 128 / 256")

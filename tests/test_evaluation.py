@@ -43,6 +43,16 @@ from registry.store import LocalStore
 from .conftest import run_factory
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP threads waiting for busy cores
+    made these tiny forwards 10-20x slower. Restored afterwards for other modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def micro_data(corpus_dir, tmp_path_factory):
     store = LocalStore(tmp_path_factory.mktemp("eval-data"))
@@ -401,7 +411,8 @@ def test_run_evaluate_reports_gates_and_measures_each_model_once(tmp_path, micro
     assert "cache_bytes_ratio" in again.gates["student-run"].reasons[0]
 
 
-def test_factory_eval_command(tmp_path, teacher_dir):
+def test_factory_eval_command(tmp_path, teacher_dir, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # see one_torch_thread
     out = tmp_path / "report"
     result = run_factory("eval", str(teacher_dir), "--sections", "recall", "efficiency", "--out", str(out),
                          root=tmp_path / "root")
