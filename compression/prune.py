@@ -31,6 +31,16 @@ from compression.importance import Scores
 from compression.specs import PruneTarget
 
 PRUNABLE_LAYER_TYPES = {"linear_attention", "full_attention", "mlp"}
+# Hymba would need its own slicing (one in_proj feeding attention and SSM heads, a shared
+# out_proj, KV-sharing producers): not implemented, and refused with this list.
+COMPRESSIBLE_FAMILIES = {"nemotron_h"}
+
+
+def check_compressible(config) -> None:
+    """A clear error before any work for a model that importance and pruning do not cover."""
+    if getattr(config, "model_type", None) not in COMPRESSIBLE_FAMILIES:
+        raise ValueError(f"compression supports {sorted(COMPRESSIBLE_FAMILIES)} models; this one is "
+                         f"{getattr(config, 'model_type', type(config).__name__)!r}")
 
 
 def target_problems(config, target: PruneTarget) -> dict[str, str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from compression.importance import estimate_importance, load_scores, save_scores
-from compression.prune import prune
+from compression.prune import check_compressible, prune
 from compression.specs import ImportanceSpec, PruneTarget, SearchSpec
 from model.architectures import get_family, load_pretrained
 from model.contract import (
@@ -79,6 +79,9 @@ def run_importance(spec: ImportanceSpec, inputs: dict, store, recipe_name: str =
     if (cached := stored_ref(store, ref_key, ArtifactRef)) is not None:
         return cached
 
+    from transformers import AutoConfig
+
+    check_compressible(AutoConfig.from_pretrained(model_folder(store, teacher)))
     net, _ = load_pretrained(model_folder(store, teacher), dtype=torch.float32)
     scores = estimate_importance(net, PackedTokens(store.fetch(data.uri), "train"), spec)
     work = store.stage_dir("importance", ref_key.split("/", 1)[1])

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from compression.prune import COMPRESSIBLE_FAMILIES
 from compression.specs import CompressSpec, DistillSpec
 from model.architectures import format_parameters, get_family
 from model.evaluation.spec import EvaluateSpec
@@ -52,9 +53,12 @@ class Recipe(BaseModel):
         return start_from
 
     @model_validator(mode="after")
-    def _distill_needs_a_student(self):
+    def _compression_fits_the_model(self):
         if self.distill is not None and self.compress is None:
             raise FieldErrors({"compress": "distill needs a compress section to produce the student"})
+        if self.compress is not None and not self.start_from and self.model.family not in COMPRESSIBLE_FAMILIES:
+            raise FieldErrors({"compress": f"pruning supports {sorted(COMPRESSIBLE_FAMILIES)}; a {self.model.family} "
+                                           "model can be pretrained, evaluated and registered, not compressed yet"})
         return self
 
     def pretrain_spec(self) -> PretrainSpec:

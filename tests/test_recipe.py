@@ -80,3 +80,11 @@ def test_relative_data_path_is_checked(tmp_path, monkeypatch):
     Path("corpus").mkdir()
     (Path("corpus") / "a.txt").write_text("hello")
     parse_recipe({"name": "x", "data": {"source": "corpus"}})
+
+
+def test_compressing_a_family_that_pruning_does_not_cover_is_refused(corpus_dir):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(recipe_dict(corpus_dir, model={"family": "hymba", "preset": "micro"},
+                                 compress={"target": {"hidden_size": 32}}))
+    assert [p for p, _ in info.value.problems] == ["compress"]
+    assert "hymba" in info.value.problems[0][1]
