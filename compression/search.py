@@ -2,7 +2,7 @@
 
     enumerate  every combination of the search space's choices (sizes, layers kept)
     filter     by the budget: parameters within a tolerance of a target, memory of weights +
-               KV cache + Mamba state at a context length (compression/budget.py), measured
+               KV cache + Mamba state at a context length (model/cost.py), measured
                decode latency
     score      prune each candidate from the saved importance scores (no recomputation) and
                rank by zero-shot validation loss
@@ -24,12 +24,12 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from compression.budget import inference_memory
 from compression.distill import distill
 from compression.importance import Scores
 from compression.prune import make_plan, prune, pruned_config, target_problems
 from compression.specs import PruneTarget, SearchSpec
 from model.architectures import get_family
+from model.cost import inference_memory
 from model.data import PackedTokens
 from model.train import evaluate_loss
 

@@ -96,7 +96,7 @@ class SearchSpace(Section):
 
 
 class Budget(Section):
-    """At least one constraint. Memory is weights + KV cache + Mamba state (budget.py)."""
+    """At least one constraint. Memory is weights + KV cache + Mamba state (model/cost.py)."""
 
     parameters: PositiveInt | None = None
     parameter_tolerance: float = Field(0.05, gt=0, lt=1)  # Minitron: within 5% of the target

@@ -39,7 +39,7 @@ from model.specs import Section
 
 EXTERNAL = "external"
 IMPORTANCE = Stage("importance", ("compression.importance", "compression.stages"))
-SEARCH = Stage("search", ("compression.search", "compression.distill", "compression.prune", "compression.budget",
+SEARCH = Stage("search", ("compression.search", "compression.distill", "compression.prune", "model.cost",
                           "model.train"))
 PRUNE = Stage("prune", ("compression.prune", "compression.stages"))
 SCORES_FILE = "scores.safetensors"

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from transformers import NemotronHForCausalLM
 
-from compression.budget import inference_memory, kv_cache_bytes, mamba_state_bytes
 from compression.distill import check_compatible, kd_per_token, make_kd_loss
 from compression.importance import random_scores
 from compression.search import enumerate_candidates, search
 from compression.specs import Budget, DistillSpec, SearchSpace, SearchSpec
+from model.cost import inference_memory, kv_cache_bytes, mamba_state_bytes
 from model.data import PackedTokens
 from model.nemotron_h import PRESETS, build_config, parameters_by_kind, parameters_by_kind_built
 from model.specs import TrainSpec

@@ -96,39 +96,21 @@ def measured_cache_bytes(cache) -> dict[str, int]:
 
 
 # Decoder-only families whose every layer keeps a full K/V cache (no window, no sharing).
-ATTENTION_ONLY_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2"}
 
 
 def analytic_cache_bytes(config, context_length: int, batch_size: int, dtype: torch.dtype,
                          ssm_dtype: torch.dtype = torch.float32) -> dict[str, int] | None:
-    """The cache size from the config alone (reference/sdg_eval.md 4.2), by kind.
+    """The cache size from the config alone (model/cost.py), by kind; None for a family the
+    cost model does not cover (Hymba: windows, shared K/V, meta tokens).
 
-    attention: layers x 2 (K, V) x kv_heads x head_dim x L x B x dtype bytes
-    Mamba-2:   per layer a conv state [conv_dim = H*P + 2*G*N, K] in the model dtype
-               (transformers keeps the whole kernel width K) and an SSM state [H, P, N] in
-               ``ssm_dtype`` (float32 in transformers), both x B and constant in L.
+    The SSM state defaults to float32, what transformers allocates."""
+    from model.cost import kv_cache_bytes, layer_types, mamba_state_bytes
 
-    Layers come from ``layers_block_type`` (Nemotron-H), or are all attention for the plain
-    decoder families of ATTENTION_ONLY_TYPES; any other family (Hymba: windows, shared K/V,
-    meta tokens) gets None. One small function so the compression budget's cost model
-    (compression/budget.py) can replace it.
-    """
-    layer_types = getattr(config, "layers_block_type", None)
-    if layer_types is None:
-        if getattr(config, "model_type", None) not in ATTENTION_ONLY_TYPES:
-            return None
-        layer_types = ["full_attention"] * config.num_hidden_layers
-    attention = sum(t in ("full_attention", "attention") for t in layer_types)
-    mamba = sum(t in ("linear_attention", "mamba") for t in layer_types)
-    size = torch.empty((), dtype=dtype).element_size()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv = attention * 2 * config.num_key_value_heads * head_dim * context_length * batch_size * size
-    out = {"attention_kv": kv}
-    if mamba:
-        heads, head_dim_m, state = config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size
-        conv_dim = heads * head_dim_m + 2 * config.n_groups * state
-        out["conv_state"] = mamba * conv_dim * config.conv_kernel * batch_size * size
-        out["ssm_state"] = mamba * heads * head_dim_m * state * batch_size * torch.empty((), dtype=ssm_dtype).element_size()
+    if layer_types(config) is None:
+        return None
+    conv, ssm = mamba_state_bytes(config, batch_size, dtype, ssm_dtype)
+    out = {"attention_kv": int(kv_cache_bytes(config, context_length, batch_size, dtype)),
+           "conv_state": int(conv), "ssm_state": int(ssm)}
     return {k: v for k, v in out.items() if v} | {"total": sum(out.values())}
 
 

@@ -1,4 +1,6 @@
-"""The cost model for architecture search: parameters, and memory at inference.
+"""The cost model: memory at inference, from a config alone (parameters: each family's
+``parameters_by_kind``). The architecture search budgets with it and evaluation checks the
+caches it measures against it.
 
     memory = weights + attention KV cache + Mamba state
     KV cache    = attention layers x 2 (K, V) x KV heads x head_dim x context x batch x dtype bytes
@@ -10,7 +12,9 @@ These are the shapes transformers allocates for NemotronH in ``generate()``: per
 layer keys and values (batch, KV heads, context, head_dim); per Mamba layer
 ``conv_states`` (batch, conv_dim, conv_kernel) in the model dtype and ``recurrent_states``
 (batch, heads, head_dim, state) in ``mamba_ssm_cache_dtype`` (float32 by default).
-tests/test_budget.py checks the formulas against those tensors.
+tests/test_compress.py checks the formulas against those tensors. A plain decoder
+(``ATTENTION_ONLY_TYPES``) counts as all attention layers; other families (Hymba: windows,
+shared K/V, meta tokens) are not modelled here (``layer_types`` returns None).
 """
 
 from __future__ import annotations
@@ -48,18 +52,39 @@ class InferenceMemory:
         return asdict(self) | {"cache": self.cache, "total": self.total}
 
 
+ATTENTION_ONLY_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2"}
+_LEGACY = {"attention": "full_attention", "mamba": "linear_attention"}
+
+
+def layer_types(config) -> list[str] | None:
+    """Each layer's type (``full_attention``, ``linear_attention``, ``mlp``...), or None when
+    the family's cache is not modelled by these formulas."""
+    types = getattr(config, "layers_block_type", None)
+    if types is not None:
+        return [_LEGACY.get(t, t) for t in types]
+    if getattr(config, "model_type", None) in ATTENTION_ONLY_TYPES:
+        return ["full_attention"] * config.num_hidden_layers
+    return None
+
+
 def _count(config, layer_type: str) -> int:
-    return sum(1 for t in config.layers_block_type if t == layer_type)
+    return sum(1 for t in layer_types(config) or () if t == layer_type)
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def kv_cache_bytes(config, context: int, batch: int, dtype="bfloat16") -> float:
-    return (_count(config, "full_attention") * 2 * config.num_key_value_heads * config.head_dim
+    return (_count(config, "full_attention") * 2 * config.num_key_value_heads * _head_dim(config)
             * context * batch * dtype_bytes(dtype))
 
 
 def mamba_state_bytes(config, batch: int, dtype="bfloat16", ssm_dtype=None) -> tuple[float, float]:
     """(conv state, SSM state) bytes over all Mamba layers; neither grows with the context."""
     layers = _count(config, "linear_attention")
+    if not layers:
+        return 0.0, 0.0
     d_inner = config.mamba_num_heads * config.mamba_head_dim
     conv_dim = d_inner + 2 * config.n_groups * config.ssm_state_size
     conv = layers * batch * conv_dim * config.conv_kernel * dtype_bytes(dtype)
