@@ -40,7 +40,7 @@ def _describe(name: str, ref) -> str:
                          for label, g in ref.gates.items()) or "report"
     else:
         size = getattr(ref, "kind", type(ref).__name__)
-    return f"{name:<9} {size}{'; ' + metrics if metrics else ''}\n          {ref.uri}"
+    return f"{name:<9} {size}{'; ' + metrics if metrics else ''}  {ref.uri}"
 
 
 def _run_until(args, until: str) -> int:
@@ -53,10 +53,12 @@ def _run_until(args, until: str) -> int:
     print(summary(recipe))
     refs = pipeline.run(recipe, open_store(), until=until)
     data = refs.pop("data")
-    print(f"data      {data.train_tokens:,} training / {data.validation_tokens:,} validation tokens\n          {data.uri}")
+    print(f"data      {data.train_tokens:,} training / {data.validation_tokens:,} validation tokens  {data.uri}")
     for name, ref in refs.items():
         if ref is not None and name != "gate":
             print(_describe(name, ref))
+    last = refs[{"pretrain": "teacher", "compress": "student", "distill": "distilled", "evaluate": "evaluation"}[until]]
+    print(last.uri)  # the last line: what the command produced
     return 0
 
 
