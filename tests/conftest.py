@@ -38,6 +38,18 @@ def corpus_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def micro_data(corpus_dir, tmp_path_factory):
+    """``corpus_dir`` as 64-token rows with a 512-token BPE (a DataRef), prepared once per session."""
+    from model.pretrain import run_prepare_data
+    from model.specs import DataSpec, TokenizerSpec
+    from registry.store import LocalStore
+
+    store = LocalStore(tmp_path_factory.mktemp("micro-data"))
+    spec = DataSpec(source=str(corpus_dir), seq_len=64, validation_fraction=0.1)
+    return run_prepare_data(spec, TokenizerSpec(vocab_size=512), store)
+
+
 def recipe_dict(corpus: Path, **sections) -> dict:
     """MICRO_RECIPE on ``corpus`` with sections updated key by key."""
     recipe = copy.deepcopy(MICRO_RECIPE)
@@ -167,3 +179,16 @@ def run_cli(*args: str, capsys) -> tuple[int, str, str]:
         code = e.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: on a shared 2-core machine, OpenMP threads waiting for
+    busy cores made tiny forwards 10-20x slower. Restored afterwards for other modules.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -42,22 +42,7 @@ from registry.store import LocalStore
 
 from .conftest import run_factory
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads waiting for busy cores
-    made these tiny forwards 10-20x slower. Restored afterwards for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def micro_data(corpus_dir, tmp_path_factory):
-    store = LocalStore(tmp_path_factory.mktemp("eval-data"))
-    spec = DataSpec(source=str(corpus_dir), seq_len=64, validation_fraction=0.1)
-    return run_prepare_data(spec, TokenizerSpec(vocab_size=512), store)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

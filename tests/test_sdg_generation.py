@@ -32,14 +32,7 @@ from sdg.stage import Run, rank_pairs, run_sdg
 
 from .conftest import REPO, recipe_dict, run_cli, write_recipe
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models decode ~20x faster on one thread when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_checkpoint(tmp_path_factory) -> Path:

@@ -19,18 +19,11 @@ import model.pretrain
 from model.checkpoint import MARKER_FILE, checkpoint_problem, find_latest, list_checkpoints
 from model.data import PackedTokens
 from model.pretrain import PretrainSpec, run_pretrain
-from model.specs import DataSpec, ModelSpec, TokenizerSpec, TrainSpec
+from model.specs import ModelSpec, TrainSpec
 from model.train import TrainingDiverged, lm_loss, lr_factor, train
 from registry.store import LocalStore
 
 from .conftest import REPO, recipe_dict, run_factory, write_recipe
-
-
-@pytest.fixture(scope="module")
-def micro_data(corpus_dir, tmp_path_factory):
-    store = LocalStore(tmp_path_factory.mktemp("data-store"))
-    spec = DataSpec(source=str(corpus_dir), seq_len=64, validation_fraction=0.1)
-    return model.pretrain.run_prepare_data(spec, TokenizerSpec(vocab_size=512), store)
 
 
 def _micro_model(data_ref, seed=0):
