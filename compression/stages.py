@@ -160,13 +160,3 @@ def run_search(spec: SearchStageSpec, inputs: dict, store) -> ArtifactRef:
                                       parents=[teacher.digest, scores_ref.digest, data.digest], recipe_name=spec.name))
     store.write_ref(ref_key, ref)
     return ref
-
-
-def load_scores_file(path: Path):
-    """Scores saved by run_importance or ``factory prune`` (``--scores``)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / SCORES_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no scores file at {path}")
-    return load_scores(path)

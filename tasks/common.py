@@ -14,15 +14,11 @@ retried with backoff; a bad recipe, a NaN loss or running out of memory fails at
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
-
-RESULTS_DIR = "prefect-results"
 
 
 class StageCache(CachePolicy):
@@ -37,14 +33,6 @@ class StageCache(CachePolicy):
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
         return f"{task_ctx.task.name}-{self.key_fn(inputs[self.spec_arg], inputs.get(self.inputs_arg) or {})[:40]}"
-
-
-def results_path(artifact_root: str) -> Path:
-    """Where Prefect persists task results: beside the artifacts, or a local folder for s3:// roots."""
-    if artifact_root.startswith("s3://"):
-        base = Path(os.environ.get("FACTORY_WORK_DIR", Path.home() / ".cache" / "factory"))
-        return base / RESULTS_DIR
-    return Path(artifact_root).expanduser().resolve() / RESULTS_DIR
 
 
 TRANSIENT_NAMES = {

@@ -238,3 +238,19 @@ def test_prefect_yaml_and_work_pool_templates_are_valid():
     requests = templates["docker-gpu"]["job_configuration"]["container_create_kwargs"]["device_requests"]
     assert requests[0]["Capabilities"] == [["gpu"]] and requests[0]["Count"] == "{{ gpu_count }}"
     assert "CUDA_VISIBLE_DEVICES" in templates["process"]["variables"]["properties"]["env"]["default"]
+
+
+def test_only_transient_infrastructure_errors_are_retried():
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from model.train import TrainingDiverged
+    from tasks.common import is_transient
+
+    throttled = ClientError({"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "PutObject")
+    denied = ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "PutObject")
+    wrapped = RuntimeError("upload failed")
+    wrapped.__cause__ = EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+    assert is_transient(throttled) and is_transient(wrapped) and is_transient(ConnectionResetError())
+    for deterministic in (denied, ValueError("bad recipe"), TrainingDiverged("loss is nan"),
+                          RuntimeError("CUDA out of memory"), FileNotFoundError("no checkpoint")):
+        assert not is_transient(deterministic), deterministic
