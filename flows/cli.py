@@ -66,14 +66,18 @@ def prefect_environment() -> None:
     """Embedded defaults for running flows on a laptop: Prefect's ephemeral server with a start-up
     timeout that a 2-core machine meets (its first start can take over 20 s), and task results
     persisted beside the artifacts. Anything already set in the environment wins."""
+    from pathlib import Path
+
     from registry.store import artifact_root
 
+    if home := os.environ.get("PREFECT_HOME"):
+        # Prefect creates its home without parents; a fresh `PREFECT_HOME=/new/dir/prefect` would
+        # otherwise fail as "unable to open database file" after minutes of start-up retries.
+        Path(home).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry attempts
     root = artifact_root()
     if not root.startswith("s3://"):
-        from pathlib import Path
-
         os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(root).resolve() / "prefect-results"))
 
 

@@ -187,6 +187,11 @@ def run_lm_eval(model_dir: Path, names: list[str], manager, num_fewshot: int | N
     check_task_names(names, manager)
     # lm-eval's hf model reads weights and tokenizer from the folder through transformers.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # lm-eval bootstraps standard errors in a forked multiprocessing.Pool unless told not to.
+    # Forking a process that runs Prefect's and MLflow's threads is unsafe, and the pool's
+    # terminate() raced with a worker still in its at-fork hooks, where Prefect's inherited
+    # SIGTERM handler swallowed the signal: `make demo` hung forever. In-process is cheap.
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
     results = lm_eval.simple_evaluate(
         model="hf", model_args={"pretrained": str(model_dir), "dtype": dtype}, tasks=list(names),
         num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device, task_manager=manager,
