@@ -21,7 +21,7 @@ def test_validate_prints_resolved_summary(tmp_path):
     assert "recipe tiny: valid" in result.stdout
     assert "6.26M parameters" in result.stdout  # hidden 256, M-M*-M-M-, vocab 4096
     assert "mamba" in result.stdout and "attention" in result.stdout and "ffn" in result.stdout
-    assert "491,520 tokens" in result.stdout  # 120 steps x 16 x 256
+    assert "409,600 tokens" in result.stdout  # 100 steps x 16 x 256
 
 
 BAD_VALUES = [
