@@ -124,6 +124,8 @@ def distill(student, teacher, data: PackedTokens, spec: DistillSpec, work_dir: P
     """Train ``student`` in place from ``teacher``; resumes from ``work_dir/checkpoints``."""
     d = distributed.setup(spec.train.device)
     teacher.to(d.device)
+    if d.enabled and spec.train.parallelism == "fsdp":
+        distributed.shard(teacher)  # frozen, but its weights are as large as the student's: shard them too
     loss_fn = make_kd_loss(teacher, spec, layer_map if spec.cosine_weight else None)
     return train(student, data, spec.train, work_dir, validation=validation, loss_fn=loss_fn,
                  callbacks=callbacks, description=description)
@@ -186,7 +188,7 @@ def _distill_and_save(launch: dict, callbacks: tuple[StepCallback, ...] = ()) ->
                      layer_map=depth_layer_map(student_dir), callbacks=callbacks, description=f"distill {spec.name}")
     if int(os.environ.get("RANK", "0")) == 0:
         out = work_dir / MODEL_DIR
-        student.save_pretrained(out)
+        result["model"].save_pretrained(out)
         tokenizer.save_pretrained(out)
         if (student_dir / "pruning.json").is_file():
             (out / "pruning.json").write_text((student_dir / "pruning.json").read_text())

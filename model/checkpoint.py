@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from model.contract import file_digest
 from model.fsutil import atomic_write_text, fsync_dir
@@ -45,15 +45,22 @@ class Checkpoint:
 
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, scheduler, state: dict,
-                    keep: int) -> Path:
+                    keep: int, full_states: tuple[dict, dict] | None = None) -> Path:
+    """``full_states``: (weights, optimizer state) already gathered from a sharded (FSDP) model,
+    in place of ``model`` and ``optimizer``'s own state dicts."""
     root = Path(root)
     final = root / f"{_PREFIX}{step:08d}"
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
-    save_model(model, str(tmp / MODEL_FILE))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
+    if full_states is None:
+        save_model(model, str(tmp / MODEL_FILE))
+        optimizer_state = optimizer.state_dict()
+    else:
+        weights, optimizer_state = full_states
+        save_file(weights, str(tmp / MODEL_FILE))
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -114,11 +121,19 @@ def find_latest(root: Path) -> Checkpoint | None:
     return None
 
 
-def load_checkpoint(checkpoint: Checkpoint, model: torch.nn.Module, optimizer, scheduler) -> None:
-    """Restore weights, optimizer, scheduler and RNG state in place."""
-    load_model(model, str(checkpoint.path / MODEL_FILE))
+def load_checkpoint(checkpoint: Checkpoint, model: torch.nn.Module, optimizer, scheduler,
+                    sharded: bool = False) -> None:
+    """Restore weights, optimizer, scheduler and RNG state in place. ``sharded``: ``model`` is
+    FSDP-sharded and the checkpoint holds full states (every process reads them, keeps its shard)."""
     states = torch.load(checkpoint.path / OPTIMIZER_FILE, weights_only=True)
-    optimizer.load_state_dict(states["optimizer"])
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=load_file(str(checkpoint.path / MODEL_FILE)),
+                       optim_state_dict=states["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        load_model(model, str(checkpoint.path / MODEL_FILE))
+        optimizer.load_state_dict(states["optimizer"])
     scheduler.load_state_dict(states["scheduler"])
     rng = torch.load(checkpoint.path / RNG_FILE, weights_only=True)
     torch.set_rng_state(rng["torch"])

@@ -53,6 +53,22 @@ def setup(requested_device: str = "auto") -> Dist:
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def shard(model: torch.nn.Module) -> None:
+    """FSDP2 in place: each decoder block (the classes transformers lists in ``_no_split_modules``)
+    is one unit of all-gather/reduce-scatter, the root holds what is left (embeddings, final
+    norm, lm_head). Build the optimizer afterwards: it must see the sharded parameters."""
+    from torch.distributed.fsdp import fully_shard
+
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_classes]
+    if not blocks:
+        raise ValueError(f"train.parallelism 'fsdp': {type(model).__name__} names no decoder block class "
+                         "in _no_split_modules to shard by")
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
 def all_reduce_sum(values: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.enabled:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)

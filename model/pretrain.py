@@ -206,7 +206,7 @@ def _train_and_save(launch: dict, callbacks: tuple[StepCallback, ...] = ()) -> N
                    validation=PackedTokens(launch["data_dir"], "validation"), callbacks=callbacks,
                    description=f"pretrain {spec.name}")
     if int(os.environ.get("RANK", "0")) == 0:
-        net.save_pretrained(work_dir / MODEL_DIR)
+        result["model"].save_pretrained(work_dir / MODEL_DIR)
         tokenizer.save_pretrained(work_dir / MODEL_DIR)
         metrics = {k: result[k] for k in ("steps", "tokens_seen", "final_loss", "val_loss")}
         atomic_write_text(work_dir / MODEL_DIR / HISTORY_FILE, json.dumps({"metrics": metrics, "history": result["history"]}))

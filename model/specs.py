@@ -137,6 +137,10 @@ class TrainSpec(Section):
     eval_every: PositiveInt = 100
     eval_batches: PositiveInt = 8
     num_processes: PositiveInt = 1  # >1 launches torchrun --nproc_per_node=N
+    # With several processes: "ddp" keeps a whole replica per process; "fsdp" (FSDP2
+    # fully_shard per decoder block) shards weights, gradients and AdamW state, for models
+    # whose ~16 bytes per parameter of training state do not fit one GPU (8B: ~128 GB).
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
 

@@ -13,7 +13,8 @@ Determinism: the data order is a function of (seed, step), the checkpoint holds 
 optimizer, scheduler and RNG state, so a resumed run reaches the same weights as an
 uninterrupted one. The loss of a step is the sum of per-token losses over the whole global
 batch divided by its number of target tokens, however the batch is split across processes
-and micro-batches, so 1 process and N processes follow the same curve.
+and micro-batches, so 1 process and N processes follow the same curve, replicated (DDP) or
+sharded (FSDP, ``train.parallelism``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -110,7 +112,9 @@ def evaluate_loss(model: torch.nn.Module, data: PackedTokens, rows: Sequence[int
     d = d or distributed.Dist(device=device)
     was_training = model.training
     model.eval()
-    mine = list(rows)[d.rank :: d.world_size]
+    rows = list(rows)
+    # The same number of rows in every process: FSDP's all-gathers in forward run in lockstep.
+    mine = rows[: len(rows) - len(rows) % d.world_size][d.rank :: d.world_size]
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, target count
     for start in range(0, len(mine), micro_batch_size):
         input_ids, valid = data.batch(mine[start : start + micro_batch_size])
@@ -123,21 +127,51 @@ def evaluate_loss(model: torch.nn.Module, data: PackedTokens, rows: Sequence[int
     return (totals[0] / totals[1]).item()
 
 
+@contextlib.contextmanager
+def _gradient_sync(model: torch.nn.Module, enabled: bool):
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all but the last micro-batch."""
+    if enabled:
+        yield
+    elif isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    else:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+
+def _full_states(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """Whole weights and optimizer state of a FSDP model, on the CPU of the main process (empty on
+    the others). Every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir: Path,
           validation: PackedTokens | None = None, loss_fn: LossFn = lm_loss,
           callbacks: Sequence[StepCallback] = (), description: str = "train") -> dict:
     """Train ``model`` in place for ``spec.steps`` optimizer steps, resuming from the newest
-    whole checkpoint under ``work_dir/checkpoints``. Returns the final metrics and history."""
+    whole checkpoint under ``work_dir/checkpoints``. Returns the final metrics, the history and
+    ``model``: the trained model as a plain module to save (under FSDP an unsharded copy on the
+    main process, None on the others)."""
     d = distributed.setup(spec.device)
     checkpoints = Path(work_dir) / "checkpoints"
     model.to(d.device).train()
+    model_class = type(model)
+    sharded = d.enabled and spec.parallelism == "fsdp"
+    if sharded:
+        distributed.shard(model)  # before the optimizer, which must hold the sharded parameters
     optimizer = _optimizer(model, spec)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
     state = {"step": 0, "tokens_seen": 0, "history": []}
 
     resumed = find_latest(checkpoints)
     if resumed is not None:
-        load_checkpoint(resumed, model, optimizer, scheduler)
+        load_checkpoint(resumed, model, optimizer, scheduler, sharded)
         state = resumed.state
         if d.is_main:
             print(f"resuming {description} from {resumed.path} (step {resumed.step})", file=sys.stderr)
@@ -145,10 +179,11 @@ def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir:
     if spec.batch_size % (d.world_size * spec.micro_batch_size):
         raise ValueError(f"train.batch_size ({spec.batch_size}) must be a multiple of micro_batch_size "
                          f"({spec.micro_batch_size}) x processes ({d.world_size})")
-    ddp_model = DistributedDataParallel(model) if d.enabled else model
+    forward_model = DistributedDataParallel(model) if d.enabled and not sharded else model
     per_process = spec.batch_size // d.world_size
     validation_rows = range(min(len(validation), spec.eval_batches * spec.micro_batch_size)) if validation else ()
     # In a log (Prefect, CI) a redraw is a new line: redraw every 30 s there, twice a second on a terminal.
+    full_states = None  # under FSDP: the last gathered (weights, optimizer state)
     progress = tqdm(total=spec.steps, initial=state["step"], desc=description, disable=not d.is_main,
                     dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
 
@@ -165,10 +200,10 @@ def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir:
             input_ids, valid = data.batch(my_rows[start : start + spec.micro_batch_size])
             input_ids, target_mask = input_ids.to(d.device), valid[:, 1:].to(d.device)
             last_micro = start + spec.micro_batch_size >= per_process
-            # DDP averages gradients over processes, so scale by world size to get the global sum / N.
-            with ddp_model.no_sync() if d.enabled and not last_micro else contextlib.nullcontext():
+            # DDP and FSDP average gradients over processes: scale by world size to get the global sum / N.
+            with _gradient_sync(forward_model, last_micro or not d.enabled):
                 with _autocast(d.device, spec.precision):
-                    loss_sum = loss_fn(ddp_model, input_ids, target_mask)
+                    loss_sum = loss_fn(forward_model, input_ids, target_mask)
                 (loss_sum * (d.world_size / num_targets)).backward()
             step_loss += loss_sum.detach().double()
 
@@ -179,7 +214,8 @@ def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir:
                 f"{description}: loss is {loss} at step {step + 1}; stopped before the optimizer step. "
                 f"Last good checkpoint: {last.path if last else 'none'}. Try a lower train.lr or more warmup."
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf")).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
+        grad_norm = (grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item()
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -201,13 +237,22 @@ def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir:
             for callback in callbacks:
                 callback(record)
         if record["step"] % spec.checkpoint_every == 0 or record["step"] == spec.steps:
+            full_states = _full_states(model, optimizer) if sharded else None  # a collective: every process
             if d.is_main:
-                save_checkpoint(checkpoints, record["step"], model, optimizer, scheduler, state, spec.keep_checkpoints)
+                save_checkpoint(checkpoints, record["step"], model, optimizer, scheduler, state, spec.keep_checkpoints,
+                                full_states)
             distributed.barrier(d)
 
     progress.close()
+    trained = model
+    if sharded:  # the last step always checkpoints, so its weights are already gathered
+        weights, _ = full_states or _full_states(model, optimizer)
+        trained = None
+        if d.is_main:
+            trained = model_class(model.config)
+            trained.load_state_dict(weights)
     history = state["history"]
     val = [r["val_loss"] for r in history if "val_loss" in r]
-    return {"steps": state["step"], "tokens_seen": state["tokens_seen"],
+    return {"model": trained, "steps": state["step"], "tokens_seen": state["tokens_seen"],
             "final_loss": history[-1]["loss"] if history else float("nan"),
             "val_loss": val[-1] if val else float("nan"), "history": history}

@@ -148,16 +148,68 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(mi
     assert all(math.isfinite(t.float().sum()) for t in load_file(str(state.path / "model.safetensors")).values())
 
 
-def test_two_gloo_processes_follow_the_single_process_curve(micro_data, tmp_path):
-    def losses(num_processes: int, micro_batch_size: int) -> list[float]:
-        spec = PretrainSpec(name="ddp", model=ModelSpec(preset="micro"),
-                            train=TrainSpec(steps=5, batch_size=8, micro_batch_size=micro_batch_size, lr=1e-2,
-                                            warmup_steps=1, eval_every=5, num_processes=num_processes))
-        ref = run_pretrain(spec, {"data": micro_data}, LocalStore(tmp_path / str(num_processes)))
-        history = json.loads((Path(ref.uri) / "training_history.json").read_text())["history"]
-        return [r["loss"] for r in history]
+def _short_run(data_ref, root: Path, num_processes: int, parallelism: str = "ddp"):
+    spec = PretrainSpec(name="dist", model=ModelSpec(preset="micro"),
+                        train=TrainSpec(steps=5, batch_size=8, micro_batch_size=4, lr=1e-2, warmup_steps=1,
+                                        eval_every=5, checkpoint_every=2, keep_checkpoints=5,
+                                        num_processes=num_processes, parallelism=parallelism))
+    ref = run_pretrain(spec, {"data": data_ref}, LocalStore(root))
+    return Path(ref.uri), _losses(ref)
 
-    one = losses(1, 4)  # one process, 2 micro-batches of 4
-    two = losses(2, 4)  # two processes, 1 micro-batch of 4 each
-    assert len(one) == len(two) == 5
-    assert one == pytest.approx(two, rel=1e-4)
+
+def _losses(ref) -> list[float]:
+    return [r["loss"] for r in json.loads((Path(ref.uri) / "training_history.json").read_text())["history"]]
+
+
+def test_two_gloo_processes_follow_the_single_process_curve_replicated_or_sharded(micro_data, tmp_path, capfd):
+    _, one = _short_run(micro_data, tmp_path / "one", 1)  # one process, 2 micro-batches of 4
+    ddp_model, ddp = _short_run(micro_data, tmp_path / "ddp", 2)  # two processes, 1 micro-batch of 4 each
+    fsdp_model, fsdp = _short_run(micro_data, tmp_path / "fsdp", 2, "fsdp")
+    assert len(one) == len(ddp) == len(fsdp) == 5
+    assert one == pytest.approx(ddp, rel=1e-4)
+    assert one == pytest.approx(fsdp, rel=1e-4)
+    # FSDP saves whole weights that plain transformers loads, not one process's shard.
+    config = json.loads((fsdp_model / "config.json").read_text())
+    assert config["architectures"] == ["NemotronHForCausalLM"]
+    replicated, sharded = _tensors(ddp_model), _tensors(fsdp_model)
+    assert replicated.keys() == sharded.keys()
+    for name in replicated:
+        torch.testing.assert_close(sharded[name], replicated[name], rtol=1e-4, atol=1e-5, msg=name)
+
+    # Resume under FSDP from a whole checkpoint: lose the result and the last checkpoint, re-run.
+    checkpoints = next((tmp_path / "fsdp").glob("pretrain/*/checkpoints"))
+    shutil.rmtree(tmp_path / "fsdp" / "refs")
+    shutil.rmtree(fsdp_model)
+    shutil.rmtree(checkpoints / "step_00000005")
+    # The sharded path really ran: its gathered optimizer state is keyed by parameter name, DDP's by index.
+    optimizer_state = torch.load(checkpoints / "step_00000004" / "optimizer.pt", weights_only=True)["optimizer"]
+    assert all(isinstance(key, str) for key in optimizer_state["state"])
+    capfd.readouterr()
+    resumed_model, resumed = _short_run(micro_data, tmp_path / "fsdp", 2, "fsdp")
+    assert "(step 4)" in capfd.readouterr().err
+    assert resumed == pytest.approx(fsdp, rel=1e-6)
+    for name, tensor in _tensors(resumed_model).items():
+        torch.testing.assert_close(tensor, sharded[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_fsdp_distillation_shards_student_and_teacher_and_follows_one_process(micro_data, tmp_path):
+    from compression.distill import DistillStageSpec, run_distill
+    from compression.specs import DistillSpec, ImportanceSpec, PruneTarget
+    from compression.stages import PruneStageSpec, run_importance, run_prune
+
+    store = LocalStore(tmp_path / "store")
+    teacher = run_pretrain(PretrainSpec(name="teacher", model=ModelSpec(preset="micro"),
+                                        train=TrainSpec(steps=3, batch_size=8, micro_batch_size=4, warmup_steps=1)),
+                           {"data": micro_data}, store)
+    scores = run_importance(ImportanceSpec(samples=8, method="random"), {"teacher": teacher, "data": micro_data}, store)
+    student = run_prune(PruneStageSpec(name="student", target=PruneTarget(hidden_size=48)),
+                        {"teacher": teacher, "scores": scores}, store)
+
+    def distill(num_processes: int, parallelism: str = "ddp") -> list[float]:
+        train = TrainSpec(steps=3, batch_size=8, micro_batch_size=4, lr=1e-2, warmup_steps=1,
+                          num_processes=num_processes, parallelism=parallelism)
+        ref = run_distill(DistillStageSpec(name=f"kd-{num_processes}", distill=DistillSpec(train=train)),
+                          {"student": student, "teacher": teacher, "data": micro_data}, store)
+        return _losses(ref)
+
+    assert distill(1) == pytest.approx(distill(2, "fsdp"), rel=1e-4)
