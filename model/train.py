@@ -183,7 +183,6 @@ def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir:
     per_process = spec.batch_size // d.world_size
     validation_rows = range(min(len(validation), spec.eval_batches * spec.micro_batch_size)) if validation else ()
     # In a log (Prefect, CI) a redraw is a new line: redraw every 30 s there, twice a second on a terminal.
-    full_states = None  # under FSDP: the last gathered (weights, optimizer state)
     progress = tqdm(total=spec.steps, initial=state["step"], desc=description, disable=not d.is_main,
                     dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
 
@@ -245,8 +244,10 @@ def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir:
 
     progress.close()
     trained = model
-    if sharded:  # the last step always checkpoints, so its weights are already gathered
-        weights, _ = full_states or _full_states(model, optimizer)
+    if sharded:  # gathered again rather than kept from the last checkpoint: a whole copy held in RAM
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         trained = None
         if d.is_main:
             trained = model_class(model.config)
