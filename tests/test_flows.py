@@ -133,12 +133,14 @@ def test_kill_during_distillation_then_rerun_resumes_and_registers_once(corpus_d
     command = [sys.executable, "-m", "flows.cli", "run", str(recipe)]
     root = tmp_path / "artifacts"
 
-    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
     deadline = time.monotonic() + 600
     while not list(root.glob("distill/*/checkpoints/step_00000010/COMPLETE")):
         assert child.poll() is None and time.monotonic() < deadline, "the flow ended before distillation's checkpoint"
         time.sleep(0.05)
-    child.send_signal(signal.SIGKILL)
+    # The whole job, as a container or node dies: its ephemeral Prefect server must not outlive the test.
+    os.killpg(child.pid, signal.SIGKILL)
     assert child.wait() == -signal.SIGKILL
     assert not list(root.glob("distill/*/model/model.safetensors"))
 
