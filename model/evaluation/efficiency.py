@@ -95,9 +95,6 @@ def measured_cache_bytes(cache) -> dict[str, int]:
     return by_kind | {"total": sum(by_kind.values())}
 
 
-# Decoder-only families whose every layer keeps a full K/V cache (no window, no sharing).
-
-
 def analytic_cache_bytes(config, context_length: int, batch_size: int, dtype: torch.dtype,
                          ssm_dtype: torch.dtype = torch.float32) -> dict[str, int] | None:
     """The cache size from the config alone (model/cost.py), by kind; None for a family the
