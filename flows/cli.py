@@ -62,32 +62,13 @@ def _run_until(args, until: str) -> int:
     return 0
 
 
-def prefect_environment() -> None:
-    """Embedded defaults for running flows on a laptop: Prefect's ephemeral server with a start-up
-    timeout that a 2-core machine meets (its first start can take over 20 s), and task results
-    persisted beside the artifacts. Anything already set in the environment wins."""
-    from pathlib import Path
-
-    from registry.store import artifact_root
-
-    if home := os.environ.get("PREFECT_HOME"):
-        # Prefect creates its home without parents; a fresh `PREFECT_HOME=/new/dir/prefect` would
-        # otherwise fail as "unable to open database file" after minutes of start-up retries.
-        Path(home).expanduser().mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry attempts
-    # Automations cannot be set up on a server that lives for one run, and their trigger loop kept an
-    # idle ephemeral server at ~8% of a core (~3-5% without it): the largest cost of orchestration on 2 cores.
-    os.environ.setdefault("PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED", "false")
-    root = artifact_root()
-    if not root.startswith("s3://"):
-        os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(root).resolve() / "prefect-results"))
-
-
 def cmd_run(args) -> int:
     """The whole factory as a Prefect flow; prints the teacher/student table and the model URI."""
+    from flows.local_stack import prefect_environment, start_ephemeral_prefect
+
     recipe = _load_or_exit(args.recipe)
     prefect_environment()
+    start_ephemeral_prefect()
     from flows.factory import factory, summary_table
     from flows.recipe import summary
 

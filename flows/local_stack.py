@@ -1,5 +1,7 @@
-"""``factory up`` / ``factory down``: the Prefect and MLflow servers (and optionally an S3-compatible
-server) on 127.0.0.1 as background processes, for the UIs over the factory's results.
+"""The local Prefect stack: the embedded default of ``factory run`` (Prefect's ephemeral server,
+made to die with the run) and ``factory up`` / ``factory down``: the Prefect and MLflow servers
+(and optionally an S3-compatible server) on 127.0.0.1 as background processes, for the UIs over
+the factory's results.
 
 The Prefect server uses the same database as ``factory run``'s ephemeral server
 (``PREFECT_HOME``), and MLflow the same SQLite file and artifact folder as the embedded
@@ -21,6 +23,71 @@ from pathlib import Path
 from registry.store import artifact_root
 
 STATE_FILE = "local-stack.json"
+
+
+def prefect_environment() -> None:
+    """Embedded defaults for running flows on a laptop: Prefect's ephemeral server with a start-up
+    timeout that a 2-core machine meets (its first start can take over 20 s), and task results
+    persisted beside the artifacts. Anything already set in the environment wins."""
+    if home := os.environ.get("PREFECT_HOME"):
+        # Prefect creates its home without parents; a fresh `PREFECT_HOME=/new/dir/prefect` would
+        # otherwise fail as "unable to open database file" after minutes of start-up retries.
+        Path(home).expanduser().mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry attempts
+    # Automations cannot be set up on a server that lives for one run, and their trigger loop kept an
+    # idle ephemeral server at ~8% of a core (~3-5% without it): the largest cost of orchestration on 2 cores.
+    os.environ.setdefault("PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED", "false")
+    root = artifact_root()
+    if not root.startswith("s3://"):
+        os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(root).resolve() / "prefect-results"))
+
+
+def start_ephemeral_prefect() -> str | None:
+    """Start Prefect's ephemeral server now, from this (main) thread, as a process that dies with
+    this one; returns its API URL, or None when a server is configured (PREFECT_API_URL).
+
+    Prefect starts the ephemeral server lazily and stops it at exit, but a SIGKILL (the OOM killer,
+    ``kill -9``) skips that and left the server running, at ~10% of a core and holding its port,
+    until the next reboot. Linux's parent-death signal ends it with its parent instead. Prefect
+    keeps one ephemeral server per process, so its own clients find this one already started."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+    server = _ephemeral_server_class()()
+    server.start()
+    return server.api_url
+
+
+def _ephemeral_server_class():
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    class EphemeralServerDyingWithParent(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            # Prefect 3's own command and environment (SubprocessASGIServer._run_uvicorn_command),
+            # plus the parent-death signal, which only the child itself can ask for.
+            return subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--log-level", "error", "--lifespan", "on"],
+                env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                     "PREFECT__SERVER_FINAL": "1",
+                     **get_current_settings().to_environment_variables(exclude_unset=True)},
+                preexec_fn=_terminate_with_parent)
+
+    return EphemeralServerDyingWithParent
+
+
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM (uvicorn's clean shutdown) when the parent dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _state_path() -> Path:

@@ -1,5 +1,6 @@
 """The factory as Prefect flows: registration with lineage, caching across runs, resume after a
-kill, a served deployment triggered through the API, and the deployment configuration."""
+kill (a re-run of ``factory run``, or the UI's "Retry" of a served deployment's flow run), the
+ephemeral server's lifetime, and the deployment configuration."""
 
 from __future__ import annotations
 
@@ -177,35 +178,108 @@ def prefect_server(tmp_path_factory):
         log.close()
 
 
-def test_a_served_deployment_triggered_through_the_api_runs_to_completion(corpus_dir, tmp_path, prefect_server):
-    """What a click on 'Run' in the UI does: the server schedules a run, the served flow picks it up."""
+def _wait_until(condition, timeout: float, what: str, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(every)
+    return value
+
+
+def test_a_served_deployment_killed_mid_run_and_retried_from_the_ui_resumes(corpus_dir, tmp_path, prefect_server):
+    """What the UI's "Run" and then "Retry" do for a served factory deployment whose flow-run
+    process dies during distillation (the OOM killer, a lost node): the retry reuses every
+    finished stage, resumes distillation from its checkpoint and registers one version."""
+    import psutil
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import AwaitingRetry
+
     env = dict(os.environ, PREFECT_API_URL=prefect_server, FACTORY_ARTIFACT_ROOT=str(tmp_path / "artifacts"),
-               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PREFECT_SERVER_ANALYTICS_ENABLED="false")
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_RUNNER_POLL_FREQUENCY="2")
     env.pop("PREFECT_RESULTS_LOCAL_STORAGE_PATH", None)
-    recipe = write_recipe(tmp_path / "micro.yaml", recipe_dict(corpus_dir))
-    serve = subprocess.Popen([sys.executable, "-c", "from flows.factory import pretrain; pretrain.serve(name='ci')"],
-                             cwd=REPO, env=env, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
+    recipe = write_recipe(tmp_path / "micro.yaml", recipe_dict(corpus_dir, **FLOW_SECTIONS))
+    serve_log = tmp_path / "serve.log"
+    serve = subprocess.Popen([sys.executable, "-c", "from flows.factory import factory; factory.serve(name='ci')"],
+                             cwd=REPO, env=env, stdout=open(serve_log, "w"), stderr=subprocess.STDOUT,
                              start_new_session=True)
+
+    def deployment():
+        try:
+            return client.read_deployment_by_name("factory/ci")
+        except ObjectNotFound:
+            assert serve.poll() is None, serve_log.read_text()[-3000:]
+
+    def state():
+        return client.read_flow_run(run.id).state
+
     try:
-        trigger = (
-            "import sys\n"
-            "from prefect.deployments import run_deployment\n"
-            "run = run_deployment('pretrain/ci', parameters={'recipe': sys.argv[1]}, timeout=600)\n"
-            "print(run.state.type.value)\n"
-        )
-        deadline = time.monotonic() + 240
-        while True:  # the deployment exists once serve() has registered it
-            result = subprocess.run([sys.executable, "-c", trigger, str(recipe)], cwd=REPO, env=env,
-                                    capture_output=True, text=True, timeout=900)
-            if result.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(3)
-        assert result.returncode == 0, result.stderr[-2000:] + (tmp_path / "serve.log").read_text()[-2000:]
-        assert result.stdout.strip().splitlines()[-1] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
-        assert list((tmp_path / "artifacts").glob("pretrain/*/model/model.safetensors"))
+        with SyncPrefectClient(prefect_server) as client:
+            # "Run": the server schedules a flow run; the served flow picks it up.
+            run = client.create_flow_run_from_deployment(_wait_until(deployment, 240, "the deployment").id,
+                                                         parameters={"recipe": str(recipe)})
+            root = tmp_path / "artifacts"
+            _wait_until(lambda: list(root.glob("distill/*/checkpoints/step_00000010/COMPLETE"))
+                        or state().is_final(), 600, "distillation's first checkpoint", every=0.05)
+            assert not state().is_final(), state()
+            # The flow run's own process (the runner spawns one per run), killed as the OOM killer would.
+            flow_process, = [p for p in psutil.Process(serve.pid).children(recursive=True)
+                             if "spawn_main" in " ".join(p.cmdline())]
+            flow_process.kill()
+            crashed = _wait_until(lambda: (s := state()).is_final() and s, 120, "the runner to report the crash")
+            assert crashed.is_crashed(), crashed
+            assert not list(root.glob("distill/*/model/model.safetensors"))
+
+            # "Retry" (the UI sets this state, forced, on the same flow run).
+            client.set_flow_run_state(run.id, AwaitingRetry(message="Retry from the UI"), force=True)
+            final = _wait_until(lambda: (s := state()).is_final() and s.name != "Crashed" and s, 600, "the retry")
+            assert final.is_completed(), final.message + serve_log.read_text()[-3000:]
+            task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         serve.wait(timeout=30)
+
+    states = {}
+    for r in sorted(task_runs, key=lambda r: r.created):
+        states.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name)
+    for stage in ("prepare-data", "pretrain", "importance", "prune"):  # done before the kill: cached on retry
+        assert states[stage] == ["Completed", "Cached"], states
+    assert states["distill"][-1] == "Completed" and states["register"][-1] == "Completed", states
+    assert "resuming distill micro from" in serve_log.read_text()
+    check = subprocess.run([sys.executable, "-m", "flows.cli", "models", "list", "--json"], cwd=REPO, env=env,
+                           capture_output=True, text=True)
+    rows = [r for r in json.loads(check.stdout) if r["name"] == "micro"]
+    assert len(rows) == 1 and rows[0]["version"] == "1" and "champion" in rows[0]["aliases"], rows
+
+
+def test_the_ephemeral_prefect_server_dies_with_a_killed_factory_run(corpus_dir, tmp_path):
+    """``kill -9`` of ``factory run`` alone (not its process group) must not leave its ephemeral
+    Prefect server running."""
+    import psutil
+
+    env = dict(os.environ, FACTORY_ARTIFACT_ROOT=str(tmp_path / "artifacts"), PREFECT_HOME=str(tmp_path / "prefect"),
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for key in ("PREFECT_API_URL", "PREFECT_RESULTS_LOCAL_STORAGE_PATH"):
+        env.pop(key, None)
+    recipe = write_recipe(tmp_path / "micro.yaml", recipe_dict(corpus_dir, **FLOW_SECTIONS))
+    run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(recipe)], cwd=REPO, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        server = _wait_until(lambda: next((p for p in psutil.Process(run.pid).children()
+                                           if "uvicorn" in p.cmdline()), None), 120, "the ephemeral server")
+        port = server.cmdline()[server.cmdline().index("--port") + 1]
+        wait_for_http(f"http://127.0.0.1:{port}/api/health", timeout=240)
+        run.kill()
+        assert run.wait() == -signal.SIGKILL
+        _, alive = psutil.wait_procs([server], timeout=30)
+        assert not alive, "the ephemeral Prefect server outlived its factory run"
+    finally:
+        try:
+            os.killpg(run.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_prefect_yaml_and_work_pool_templates_are_valid():
