@@ -1,11 +1,16 @@
 """Orchestration overhead: the factory through Prefect (tasks, persisted results, artifacts,
 MLflow tracking) against calling the same stage functions directly, in one command.
 
-    python bench/orchestration_overhead.py [--recipe recipes/tiny.yaml]
+    python bench/orchestration_overhead.py [--recipe recipes/tiny.yaml] [--order direct,prefect,prefect,direct]
 
-Both runs start from empty artifact roots and compute the same stages; Prefect's ephemeral
-server start-up is timed apart (goal: overhead under 5% without it). Then the Prefect run
-is repeated on its root: every stage is cached (goal: under 15 s).
+Every run is a fresh process (as ``factory run`` is) with its own empty artifact root,
+computing the same stages; the libraries both paths use are imported before its clock starts.
+The default order, direct-prefect-prefect-direct, cancels a linear drift of the machine's
+speed (this one drifts ~2x over a day). Prefect's ephemeral server start-up is timed apart
+(goal: overhead under 5% without it). Each stage call is timed as the flow sees it (a Prefect
+task's time includes its result persistence, artifacts and MLflow run), so the report says
+where the overhead lies. Last, the final Prefect run is repeated on its root in a new process:
+every stage is cached (goal: under 15 s, server start-up apart).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,54 +27,116 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+STAGES = ("prepare_data", "pretrain", "importance", "search", "prune", "distill", "evaluate", "register")
+
+
+def timed(stages_class, into: dict):
+    """``stages_class`` whose stage methods add their wall time to ``into[method name]``."""
+
+    def wrap(name, method):
+        def call(self, *args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                into[name] = into.get(name, 0.0) + time.perf_counter() - started
+        return call
+
+    return type(f"Timed{stages_class.__name__}", (stages_class,),
+                {name: wrap(name, getattr(stages_class, name)) for name in STAGES})
+
+
+def run_direct(recipe, root: Path, stage_times: dict) -> None:
+    from flows.pipeline import DirectStages, compose
+    from registry.store import LocalStore
+
+    compose(recipe, "register", timed(DirectStages, stage_times)(LocalStore(root)))
+
+
+def run_prefect(recipe, root: Path, stage_times: dict) -> None:
+    import flows.factory
+
+    flows.factory.PrefectStages = timed(flows.factory.PrefectStages, stage_times)
+    flows.factory.factory(recipe)
+
+
+def single_run(kind: str, recipe_path: str, root: Path) -> dict:
+    """One run in this fresh process: libraries imported first, the server timed apart."""
+    os.environ["FACTORY_ARTIFACT_ROOT"] = str(root)
+    from flows.local_stack import prefect_environment, start_ephemeral_prefect
+
+    prefect_environment()
+    # Both paths import these; neither run should pay for it in its timing.
+    import lm_eval  # noqa: F401
+    import mlflow  # noqa: F401
+    import transformers  # noqa: F401
+
+    import flows.factory  # noqa: F401
+    from flows.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    result = {"stages_s": {}}
+    if kind == "prefect":
+        started = time.perf_counter()
+        start_ephemeral_prefect()  # stopped at exit
+        result["server_start_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    (run_direct if kind == "direct" else run_prefect)(recipe, root, result["stages_s"])
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/tiny.yaml")
+    parser.add_argument("--order", default="direct,prefect,prefect,direct",
+                        help="comma-separated runs, each 'direct' or 'prefect'")
     parser.add_argument("--out", default="bench/results/orchestration.json")
+    parser.add_argument("--single", choices=("direct", "prefect"), help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.single:  # a child of the command below
+        print(json.dumps(single_run(args.single, args.recipe, Path(args.root))))
+        return
+    order = args.order.split(",")
+    if not set(order) <= {"direct", "prefect"} or not {"direct", "prefect"} <= set(order):
+        parser.error("--order needs at least one 'direct' and one 'prefect' run and nothing else")
     base = Path(tempfile.mkdtemp(prefix="factory-bench-"))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{base / 'mlflow.db'}"
-    os.environ["PREFECT_HOME"] = str(base / "prefect-home")
-    from flows.cli import prefect_environment
-    from flows.recipe import load_recipe
-    from registry.store import LocalStore
+    env = dict(os.environ, PREFECT_HOME=str(base / "prefect-home"))
+    for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_RESULTS_LOCAL_STORAGE_PATH"):
+        env.pop(key, None)  # each run's own SQLite file and results under its artifact root
 
-    recipe = load_recipe(args.recipe)
-    timings = {}
+    def child(kind: str, root: Path) -> dict:
+        out = subprocess.run([sys.executable, __file__, "--recipe", args.recipe, "--single", kind, "--root", str(root)],
+                             env=env, stdout=subprocess.PIPE, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
 
-    # 1. Direct: the stage functions in order, no orchestrator, no tracking.
-    from flows.pipeline import DirectStages, compose
+    # Each run is its own process (as `factory run` is), so Prefect's ephemeral server lives only
+    # during the Prefect runs, and the order direct-prefect-prefect-direct cancels a linear drift.
+    runs = {"direct": [], "prefect": []}
+    for i, kind in enumerate(order):
+        root = base / f"{i}-{kind}"
+        runs[kind].append(child(kind, root))
+        print(f"run {i + 1}/{len(order)} ({kind}): {runs[kind][-1]['wall_s']:.1f} s", flush=True)
+    last_prefect = base / f"{max(i for i, kind in enumerate(order) if kind == 'prefect')}-prefect"
+    cached = child("prefect", last_prefect)
 
-    os.environ["FACTORY_ARTIFACT_ROOT"] = str(base / "direct")
-    started = time.perf_counter()
-    compose(recipe, "register", DirectStages(LocalStore(base / "direct")))
-    timings["direct_s"] = time.perf_counter() - started
-
-    # 2. Prefect: start the ephemeral server first (timed apart), then the flow.
-    os.environ["FACTORY_ARTIFACT_ROOT"] = str(base / "prefect")
-    os.environ.pop("PREFECT_RESULTS_LOCAL_STORAGE_PATH", None)
-    prefect_environment()
-    from prefect.server.api.server import SubprocessASGIServer
-
-    started = time.perf_counter()
-    server = SubprocessASGIServer()
-    server.start(timeout=600)
-    os.environ["PREFECT_API_URL"] = server.api_url
-    timings["server_start_s"] = time.perf_counter() - started
-    try:
-        from flows.factory import factory
-
-        started = time.perf_counter()
-        factory(recipe)
-        timings["prefect_s"] = time.perf_counter() - started
-        started = time.perf_counter()
-        factory(recipe)
-        timings["cached_rerun_s"] = time.perf_counter() - started
-    finally:
-        server.stop()
-    timings["overhead_percent"] = 100 * (timings["prefect_s"] - timings["direct_s"]) / timings["direct_s"]
-    report = {"recipe": args.recipe, **{k: round(v, 2) for k, v in timings.items()}}
+    mean = {kind: statistics.mean(r["wall_s"] for r in rs) for kind, rs in runs.items()}
+    stage_mean = {kind: {stage: statistics.mean(r["stages_s"].get(stage, 0.0) for r in rs) for stage in STAGES}
+                  for kind, rs in runs.items()}
+    report = {
+        "recipe": args.recipe, "order": order,
+        "direct_s": [round(r["wall_s"], 1) for r in runs["direct"]],
+        "prefect_s": [round(r["wall_s"], 1) for r in runs["prefect"]],
+        "overhead_percent": round(100 * (mean["prefect"] - mean["direct"]) / mean["direct"], 2),
+        "server_start_s": [round(r["server_start_s"], 2) for r in runs["prefect"] + [cached]],
+        "cached_rerun_s": round(cached["wall_s"], 2),
+        "stages_mean_s": {stage: {"direct": round(stage_mean["direct"][stage], 2),
+                                  "prefect": round(stage_mean["prefect"][stage], 2),
+                                  "difference": round(stage_mean["prefect"][stage] - stage_mean["direct"][stage], 2)}
+                          for stage in STAGES},
+        "outside_stages_mean_s": {kind: round(mean[kind] - sum(stage_mean[kind].values()), 2) for kind in mean},
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
