@@ -11,6 +11,7 @@ default, so runs made before ``factory up`` show in the UIs. What was started is
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -76,18 +77,20 @@ def _ephemeral_server_class():
                 env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                      "PREFECT__SERVER_FINAL": "1",
                      **get_current_settings().to_environment_variables(exclude_unset=True)},
-                preexec_fn=_terminate_with_parent)
+                preexec_fn=functools.partial(_terminate_with_parent, os.getpid()))
 
     return EphemeralServerDyingWithParent
 
 
-def _terminate_with_parent() -> None:
+def _terminate_with_parent(parent_pid: int) -> None:
     """In the child before exec: SIGTERM (uvicorn's clean shutdown) when the parent dies (Linux)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the parent died before the prctl: no signal would come
+            os._exit(1)
 
 
 def _state_path() -> Path:
