@@ -1,7 +1,11 @@
 """CPU an idle ephemeral Prefect server takes, with Prefect's defaults and with the settings
 `factory run` applies (automation triggers off), in one command.
 
-    python bench/ephemeral_server_idle.py [--seconds 60]
+    python bench/ephemeral_server_idle.py [--seconds 60] [--training-rounds 3]
+
+With ``--training-rounds N`` it also measures what matters: the training throughput of the
+factory's loop (bench/train_throughput.py) with no server and beside an idle one started as
+``factory run`` starts it, the two interleaved in each of N rounds (after a warm-up round).
 
 On a 2-core machine the server runs beside the training process for the whole flow, so its
 idle CPU is a floor under the orchestration overhead (bench/orchestration_overhead.py).
@@ -38,6 +42,47 @@ def idle_share(seconds: float) -> float:
         server.stop()
 
 
+def training_beside_server(rounds: int, steps: int) -> dict:
+    """Median tokens/s of the factory's training loop without and beside an idle server."""
+    import statistics
+
+    os.environ.update(PREFECT_HOME=tempfile.mkdtemp(prefix="factory-bench-prefect-"))
+    os.environ.pop("PREFECT_API_URL", None)
+    sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+    import torch
+    from prefect.server.api.server import SubprocessASGIServer
+    from train_throughput import factory_loop
+    from transformers import NemotronHForCausalLM
+
+    from flows.local_stack import prefect_environment, start_ephemeral_prefect
+    from model.data import PackedTokens
+    from model.pretrain import build_model_config, load_tokenizer, run_prepare_data
+    from model.specs import DataSpec, ModelSpec, TokenizerSpec, TrainSpec
+    from registry.store import open_store
+
+    prefect_environment()
+    data_ref = run_prepare_data(DataSpec(), TokenizerSpec(), open_store())
+    data = PackedTokens(data_ref.uri, "train")
+    config = build_model_config(ModelSpec(preset="tiny"), load_tokenizer(data_ref.tokenizer_uri))
+    spec = TrainSpec(steps=steps, batch_size=16, micro_batch_size=8, warmup_steps=2, checkpoint_every=10**9,
+                     eval_every=10**9)
+    runs = {"no_server": [], "beside_idle_server": []}
+    for round_ in range(rounds + 1):  # the first round warms up
+        for name in runs:
+            if name == "beside_idle_server":
+                start_ephemeral_prefect()
+                time.sleep(10)  # past start-up work
+            torch.manual_seed(0)
+            tokens_per_s = factory_loop(NemotronHForCausalLM(config), data, spec)
+            if name == "beside_idle_server":
+                SubprocessASGIServer().stop()
+            if round_:
+                runs[name].append(round(tokens_per_s))
+    medians = {name: statistics.median(values) for name, values in runs.items()}
+    return {"tokens_per_s_median": medians, "runs": runs,
+            "idle_server_cost_percent": round(100 * (1 - medians["beside_idle_server"] / medians["no_server"]), 2)}
+
+
 def measure_in_fresh_process(seconds: float, triggers: bool) -> float:
     """Prefect reads its settings once per process: each configuration gets its own."""
     env = dict(os.environ, PREFECT_HOME=tempfile.mkdtemp(prefix="factory-bench-prefect-"),
@@ -52,6 +97,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--out", default="bench/results/ephemeral_server_idle.json")
+    parser.add_argument("--training-rounds", type=int, default=0, help="also measure training beside the server")
+    parser.add_argument("--training-steps", type=int, default=15)
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # one configuration, here
     args = parser.parse_args()
     if args.measure:
@@ -62,6 +109,8 @@ def main() -> None:
     report = {"seconds": args.seconds, "prefect_defaults_core_share": round(prefect_defaults, 4),
               "triggers_off_core_share": round(triggers_off, 4),
               "ratio": round(prefect_defaults / triggers_off, 2) if triggers_off else None}
+    if args.training_rounds:
+        report["training"] = training_beside_server(args.training_rounds, args.training_steps)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

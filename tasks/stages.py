@@ -189,20 +189,14 @@ def evaluate(spec: EvaluateSpec, inputs: dict, recipe_name: str, parent_run: str
 @task(name="sdg", tags=["gpu"], cache_policy=StageCache(lambda spec, inputs: _sdg_key(spec, inputs)), **_TASK)
 def sdg(spec, inputs: dict, recipe_name: str, recipe_digest: str = "", parent_run: str | None = None) -> ArtifactRef:
     """Synthetic SFT and preference data (resumable per record), logged as MLflow datasets."""
-    import time
-
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-
     from sdg.stage import run_sdg
 
-    artifact_id = create_progress_artifact(0.0, key=artifacts.artifact_key(recipe_name, "sdg-progress"),
-                                           description="synthetic records done (%)")
-    last = [0.0]
+    records = artifacts.ProgressArtifact(artifacts.artifact_key(recipe_name, "sdg-progress"),
+                                         "synthetic records done (%)")
 
-    def progress(step: str, done: int, total: int) -> None:  # called per record: update every 2 s
-        if total and (time.monotonic() - last[0] > 2 or done == total):
-            last[0] = time.monotonic()
-            update_progress_artifact(artifact_id, 100.0 * done / total)
+    def progress(step: str, done: int, total: int) -> None:  # called per record
+        if total:
+            records.update(100.0 * done / total)
 
     with _tracked(parent_run, "sdg", recipe_name) as run_id:
         ref = run_sdg(spec, inputs, open_store(), recipe_name, progress=progress)
