@@ -10,8 +10,9 @@ Checkpointing and evaluation are switched off in both (they are I/O, measured ap
 ``--tracking`` splits what a training stage pays under ``factory run`` on top of the loop:
 ``mlflow`` (a stage run on SQLite with system metrics, every step's metrics logged as the
 flow logs them) and, once Prefect's ephemeral server is started (as ``factory run`` starts
-it), ``progress`` (the Prefect progress artifact updated as the flow updates it) against
-``factory+server`` (the same loop beside the idle server). Variants run interleaved in every
+it), ``progress`` (the Prefect progress artifact updated as the flow updates it) and
+``in_prefect_task`` (the loop run inside a task of a flow run) against ``factory+server`` (the
+same loop beside the idle server). Variants run interleaved in every
 round of their phase.
 """
 
@@ -95,6 +96,22 @@ def prefect_progress(spec: TrainSpec):
         yield on_step
 
 
+def in_prefect_task(net, data: PackedTokens, spec: TrainSpec) -> float:
+    """The factory loop inside a Prefect task inside a flow run (no callbacks): what the
+    orchestrator itself costs a training stage (its threads, logs and state reports)."""
+    from prefect import flow, task
+
+    @task(name="bench-train")
+    def train_task() -> float:
+        return factory_loop(net, data, spec)
+
+    @flow(name="bench-train")
+    def train_flow() -> float:
+        return train_task()
+
+    return train_flow()
+
+
 @contextmanager
 def no_callback(spec: TrainSpec):
     yield lambda record: None
@@ -123,7 +140,8 @@ def main() -> None:
     if args.tracking:
         phases[0]["mlflow"] = tracked_loop(mlflow_metrics)
         # The server's presence cannot be switched off per variant: a second phase with it running.
-        phases.append({"factory+server": tracked_loop(no_callback), "progress": tracked_loop(prefect_progress)})
+        phases.append({"factory+server": tracked_loop(no_callback), "progress": tracked_loop(prefect_progress),
+                       "in_prefect_task": in_prefect_task})
     results = {}
     for phase in phases:
         if "progress" in phase:
@@ -147,6 +165,8 @@ def main() -> None:
         # phases run one after the other, and this machine drifts more than it (< 1% interleaved).
         report["tokens_per_s"] = {name: round(v) for name, v in median.items()}
         report["mlflow_cost_percent"] = round(100 * (factory - median["mlflow"]) / factory, 2)
+        report["prefect_task_cost_percent"] = round(
+            100 * (median["factory+server"] - median["in_prefect_task"]) / median["factory+server"], 2)
         report["progress_artifact_cost_percent"] = round(
             100 * (median["factory+server"] - median["progress"]) / median["factory+server"], 2)
     report["runs"] = {name: [round(v) for v in runs] for name, runs in results.items()}
