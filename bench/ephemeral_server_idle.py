@@ -51,21 +51,13 @@ def training_beside_server(rounds: int, steps: int) -> dict:
     sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
     import torch
     from prefect.server.api.server import SubprocessASGIServer
-    from train_throughput import factory_loop
+    from train_throughput import factory_loop, training_setup
     from transformers import NemotronHForCausalLM
 
     from flows.local_stack import prefect_environment, start_ephemeral_prefect
-    from model.data import PackedTokens
-    from model.pretrain import build_model_config, load_tokenizer, run_prepare_data
-    from model.specs import DataSpec, ModelSpec, TokenizerSpec, TrainSpec
-    from registry.store import open_store
 
     prefect_environment()
-    data_ref = run_prepare_data(DataSpec(), TokenizerSpec(), open_store())
-    data = PackedTokens(data_ref.uri, "train")
-    config = build_model_config(ModelSpec(preset="tiny"), load_tokenizer(data_ref.tokenizer_uri))
-    spec = TrainSpec(steps=steps, batch_size=16, micro_batch_size=8, warmup_steps=2, checkpoint_every=10**9,
-                     eval_every=10**9)
+    data, config, spec = training_setup("tiny", steps)
     runs = {"no_server": [], "beside_idle_server": []}
     for round_ in range(rounds + 1):  # the first round warms up
         for name in runs:

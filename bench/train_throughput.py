@@ -42,6 +42,16 @@ from model.train import global_batch, train  # noqa: E402
 from registry.store import open_store  # noqa: E402
 
 
+def training_setup(preset: str, steps: int) -> tuple[PackedTokens, object, TrainSpec]:
+    """The built-in corpus, a model config of ``preset`` and a 16 x 256-token step, with
+    checkpointing and evaluation off: what every throughput measurement here trains."""
+    data_ref = run_prepare_data(DataSpec(), TokenizerSpec(), open_store())
+    config = build_model_config(ModelSpec(preset=preset), load_tokenizer(data_ref.tokenizer_uri))
+    spec = TrainSpec(steps=steps, batch_size=16, micro_batch_size=8, warmup_steps=2,
+                     checkpoint_every=10**9, eval_every=10**9)
+    return PackedTokens(data_ref.uri, "train"), config, spec
+
+
 def bare_loop(net, data: PackedTokens, spec: TrainSpec) -> float:
     """The minimum: the same rows, forward, mean cross entropy, backward, AdamW step."""
     optimizer = torch.optim.AdamW(net.parameters(), lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
@@ -130,11 +140,7 @@ def main() -> None:
         os.environ["PREFECT_HOME"] = str(work / "prefect")
         os.environ.pop("PREFECT_API_URL", None)
 
-    data_ref = run_prepare_data(DataSpec(), TokenizerSpec(), open_store())
-    data = PackedTokens(data_ref.uri, "train")
-    config = build_model_config(ModelSpec(preset=args.preset), load_tokenizer(data_ref.tokenizer_uri))
-    spec = TrainSpec(steps=args.steps, batch_size=16, micro_batch_size=8, warmup_steps=2,
-                     checkpoint_every=10**9, eval_every=10**9)
+    data, config, spec = training_setup(args.preset, args.steps)
 
     phases = [{"bare": bare_loop, "factory": factory_loop}]
     if args.tracking:

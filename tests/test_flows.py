@@ -73,6 +73,14 @@ def _run_factory_flow(recipe: Path):
     return state.result(), state.state_details.flow_run_id
 
 
+def _wait_until(condition, timeout: float, what: str, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(every)
+    return value
+
+
 def _versions(name: str) -> list:
     from registry.tracking import client
 
@@ -138,10 +146,12 @@ def test_kill_during_distillation_then_rerun_resumes_and_registers_once(corpus_d
 
     child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
-    deadline = time.monotonic() + 600
-    while not list(root.glob("distill/*/checkpoints/step_00000010/COMPLETE")):
-        assert child.poll() is None and time.monotonic() < deadline, "the flow ended before distillation's checkpoint"
-        time.sleep(0.05)
+
+    def distill_checkpoint():
+        assert child.poll() is None, "the flow ended before distillation's checkpoint"
+        return list(root.glob("distill/*/checkpoints/step_00000010/COMPLETE"))
+
+    _wait_until(distill_checkpoint, 600, "distillation's first checkpoint", every=0.05)
     # The whole job, as a container or node dies: its ephemeral Prefect server must not outlive the test.
     os.killpg(child.pid, signal.SIGKILL)
     assert child.wait() == -signal.SIGKILL
@@ -178,14 +188,6 @@ def prefect_server(tmp_path_factory):
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
         log.close()
-
-
-def _wait_until(condition, timeout: float, what: str, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(every)
-    return value
 
 
 def test_a_served_deployment_killed_mid_run_and_retried_from_the_ui_resumes(corpus_dir, tmp_path, prefect_server):
