@@ -22,6 +22,7 @@ folder (``FACTORY_WORK_DIR``): point ``MLFLOW_TRACKING_URI`` at a server to shar
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -38,9 +39,11 @@ from registry.secrets import install_log_scrubber, scrub, scrub_text, uri_has_cr
 from registry.store import artifact_root, work_root
 
 REPO = Path(__file__).resolve().parents[1]
+_logger = logging.getLogger(__name__)
 TRAINING_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "val_loss")
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a parameter value
 _MONITORS: dict[str, object] = {}  # run id -> SystemMetricsMonitor, stopped by finish_run
+_BUFFERS: dict[str, MetricsBuffer] = {}  # run id -> its training metrics not sent yet, flushed by finish_run
 
 
 # --------------------------------------------------------------------------------------
@@ -189,11 +192,10 @@ def start_stage_run(parent_run_id: str, stage: str, params: dict | None = None, 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
     """Stop its system metrics, flush pending metrics, mark it FINISHED / FAILED / KILLED."""
-    import mlflow
-
     if (monitor := _MONITORS.pop(run_id, None)) is not None:
         monitor.finish()
-    mlflow.flush_async_logging()
+    if (buffer := _BUFFERS.pop(run_id, None)) is not None:
+        buffer.flush()
     client().set_terminated(run_id, status)
 
 
@@ -230,22 +232,51 @@ def stage_run(parent_run_id: str, stage: str, params: dict | None = None, system
 # --------------------------------------------------------------------------------------
 
 
-def metrics_callback(run_id: str):
-    """A ``model.train.StepCallback``: each training record (loss, lr, grad_norm,
-    tokens_per_s, tokens_seen, val_loss) becomes metrics at its step. Logged asynchronously
-    (MLflow batches them); ``finish_run`` flushes."""
-    from mlflow.entities import Metric
+class MetricsBuffer:
+    """A ``model.train.StepCallback``: each training record (loss, lr, grad_norm, tokens_per_s,
+    tokens_seen, val_loss) becomes metrics at its step, sent to MLflow as one batch every
+    ``every_seconds`` and at ``finish_run``.
 
-    c = client()
+    Not MLflow's own asynchronous logging: its queue thread waits up to 1 s for items before it
+    sees a stop, twice per finished run (flush, then terminate), which cost ~2 s per training
+    stage; and a write per step is a request (or a SQLite transaction) per step. A batch every
+    10 s keeps the UI's curves live at the price of one request. A failed send is kept and
+    retried with the next one: metrics are never a reason to fail a training stage."""
 
-    def log_record(record: dict) -> None:
+    max_pending = 100_000  # while MLflow is unreachable: the newest ~20k steps are kept
+
+    def __init__(self, run_id: str, every_seconds: float = 10.0):
+        self.run_id, self.every_seconds = run_id, every_seconds
+        self.pending: list = []
+        self.last_sent = time.monotonic()
+        _BUFFERS[run_id] = self
+
+    def __call__(self, record: dict) -> None:
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(record[k]), now, int(record["step"]))
-                   for k in TRAINING_METRICS if k in record and math.isfinite(float(record[k]))]
-        if metrics:
-            c.log_batch(run_id, metrics=metrics, synchronous=False)
+        self.pending += [Metric(k, float(record[k]), now, int(record["step"]))
+                         for k in TRAINING_METRICS if k in record and math.isfinite(float(record[k]))]
+        if time.monotonic() - self.last_sent >= self.every_seconds:
+            self.flush()
 
-    return log_record
+    def flush(self) -> None:
+        self.last_sent = time.monotonic()
+        c = client()
+        while self.pending:
+            batch = self.pending[:1000]  # MLflow's limit on metrics per log_batch
+            try:
+                c.log_batch(self.run_id, metrics=batch)
+            except Exception as error:  # noqa: BLE001 - kept for the next flush, see the class doc
+                _logger.warning(f"MLflow metrics of run {self.run_id} not sent yet ({error}); retrying later")
+                del self.pending[:-self.max_pending]
+                return
+            del self.pending[:len(batch)]
+
+
+def metrics_callback(run_id: str) -> MetricsBuffer:
+    """The training loop's callback that logs its records into ``run_id`` (``finish_run`` flushes)."""
+    return MetricsBuffer(run_id)
 
 
 def metric_name(name: str) -> str:

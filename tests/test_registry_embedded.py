@@ -39,6 +39,25 @@ def test_tracking_uri_defaults_to_sqlite_under_the_artifact_root(embedded, monke
     assert tracking.tracking_uri() == "http://mlflow.internal:5000"
 
 
+def test_training_metrics_reach_mlflow_while_training_and_survive_an_unreachable_server(embedded, monkeypatch,
+                                                                                        caplog):
+    c = tracking.client()
+    with tracking.factory_run({"name": "metrics"}) as run_id, \
+            tracking.stage_run(run_id, "pretrain", system_metrics=False) as stage:
+        log = tracking.MetricsBuffer(stage, every_seconds=0.0)  # a batch per record
+        log({"step": 1, "loss": 3.0, "lr": 1e-3})
+        assert [(m.step, m.value) for m in c.get_metric_history(stage, "loss")] == [(1, 3.0)]  # live, mid-run
+        sqlite_uri = tracking.tracking_uri()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the server is gone for a while
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        log({"step": 2, "loss": 2.0, "lr": 1e-3})  # a warning, not a failed training stage
+        assert "not sent yet" in caplog.text
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
+        log({"step": 3, "loss": float("nan"), "lr": 1e-3})  # non-finite values are left out
+    assert [(m.step, m.value) for m in c.get_metric_history(stage, "loss")] == [(1, 3.0), (2, 2.0)]
+    assert [m.step for m in c.get_metric_history(stage, "lr")] == [1, 2, 3]
+
+
 def test_parent_and_stage_runs_hold_recipe_metrics_data_and_system_metrics(embedded, corpus_dir, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     recipe = parse_recipe(recipe_dict(corpus_dir, name="embedded"))
