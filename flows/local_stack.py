@@ -11,6 +11,7 @@ default, so runs made before ``factory up`` show in the UIs. What was started is
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -72,7 +73,7 @@ def _ephemeral_server_class():
             # plus the parent-death signal, which only the child itself can ask for.
             return subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
-                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                 "flows.local_stack:ephemeral_server_app", "--host", "127.0.0.1", "--port", str(self.port),
                  "--log-level", "error", "--lifespan", "on"],
                 env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                      "PREFECT__SERVER_FINAL": "1",
@@ -80,6 +81,76 @@ def _ephemeral_server_class():
                 preexec_fn=functools.partial(_terminate_with_parent, os.getpid()))
 
     return EphemeralServerDyingWithParent
+
+
+def ephemeral_server_app():
+    """The ephemeral server's ASGI app (uvicorn's ``--factory``): Prefect's own, wrapped in
+    ``RetryLockedRequests``."""
+    from prefect.server.api.server import create_app
+
+    return RetryLockedRequests(create_app())
+
+
+class RetryLockedRequests:
+    """ASGI middleware: a request that Prefect's server answers with its retryable 503 is run again
+    here, after 50 ms, 100 ms, ... 800 ms, before the 503 goes out.
+
+    On SQLite, a write that meets another connection's write mid-transaction fails at once with
+    "database is locked" and Prefect answers 503; its client then waits 2 s, 4 s, ... (it sends no
+    Retry-After). Starting a task run with a tag (the training tasks' ``gpu``) asks for concurrency
+    slots, whose write lost that race to the server's own event writers on most task runs: 2 s each
+    (``python bench/orchestration_overhead.py``). A lock is released within milliseconds, so the
+    retry here almost always succeeds; the failed attempt was rolled back, so running it again is
+    exactly what the client's retry would do, only sooner. Any other answer goes out unchanged."""
+
+    delays_s = (0.05, 0.1, 0.2, 0.4, 0.8)
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = []  # the request's messages, replayed on each attempt
+        while True:
+            message = await receive()
+            request.append(message)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+        for delay in (*self.delays_s, None):
+            if not await self._attempt(scope, request, receive, send, last=delay is None):
+                return
+            await asyncio.sleep(delay)
+
+    async def _attempt(self, scope, request, receive, send, last: bool) -> bool:
+        """Run the app once; True when it answered with the retryable 503 and that answer was held."""
+        replay = iter(request)
+        held: list[dict] = []
+
+        async def replay_receive():
+            return next(replay, None) or await receive()
+
+        async def hold_retryable(message):
+            if message["type"] == "http.response.start" and message["status"] == 503 and not last:
+                held.append(message)
+            elif held and message["type"] == "http.response.body":
+                held.append(message)
+                if not message.get("more_body"):  # the whole 503: Prefect's retryable one, or not?
+                    body = b"".join(m.get("body", b"") for m in held[1:])
+                    if b"Service Unavailable" not in body:
+                        for m in held:
+                            await send(m)
+                        held.clear()
+            else:
+                await send(message)
+
+        try:
+            await self.app(dict(scope), replay_receive, hold_retryable)  # a copy: the app writes its state into scope
+        except Exception:
+            # Starlette re-raises the error after its handler sent the 503; held, it is retried here.
+            if not held:
+                raise
+        return bool(held)
 
 
 def _terminate_with_parent(parent_pid: int) -> None:

@@ -286,6 +286,53 @@ def test_the_ephemeral_prefect_server_dies_with_a_killed_factory_run(corpus_dir,
             pass
 
 
+def test_the_ephemeral_server_retries_sqlite_lock_conflicts_itself_and_passes_other_answers():
+    """Prefect's server answers a SQLite "database is locked" with a 503 its client retries only
+    after 2 s; the ephemeral server's app (flows/local_stack.py) runs such a request again at once."""
+    import sqlite3
+
+    import sqlalchemy.exc
+    from prefect.server.api.server import custom_internal_exception_handler
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from flows.local_stack import RetryLockedRequests
+
+    bodies, locked_for = [], {"write": 2, "stuck": 99}
+
+    async def write(request):  # the first attempts meet another connection's write
+        bodies.append(await request.body())
+        name = request.url.path.strip("/")
+        if locked_for[name] > 0:
+            locked_for[name] -= 1
+            raise sqlalchemy.exc.OperationalError("UPDATE ...", {}, sqlite3.OperationalError("database is locked"))
+        return JSONResponse({"ok": True})
+
+    async def not_ready(request):  # a 503 of another kind: not Prefect's retryable answer
+        bodies.append(await request.body())
+        return JSONResponse({"detail": "not ready"}, status_code=503)
+
+    app = Starlette(routes=[Route("/write", write, methods=["POST"]), Route("/stuck", write, methods=["POST"]),
+                            Route("/not-ready", not_ready, methods=["POST"])],
+                    exception_handlers={Exception: custom_internal_exception_handler})
+    client = TestClient(RetryLockedRequests(app), raise_server_exceptions=False)
+
+    answer = client.post("/write", content=b'{"slots": 1}')
+    assert answer.status_code == 200 and answer.json() == {"ok": True}
+    assert bodies == [b'{"slots": 1}'] * 3  # the same request, run until the lock was gone
+
+    bodies.clear()
+    answer = client.post("/not-ready", content=b"x")
+    assert answer.status_code == 503 and answer.json() == {"detail": "not ready"} and bodies == [b"x"]
+
+    bodies.clear()
+    answer = client.post("/stuck", content=b"y")  # a lock that stays: Prefect's 503, for its client to retry
+    assert answer.status_code == 503 and answer.json() == {"exception_message": "Service Unavailable"}
+    assert len(bodies) == 1 + len(RetryLockedRequests.delays_s)
+
+
 def test_prefect_yaml_and_work_pool_templates_are_valid():
     import importlib
 
