@@ -10,9 +10,11 @@ epoch. Shards are keyed by (source digest, tokenizer digest, seq_len) and reused
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
+import os
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,7 +45,7 @@ class Document:
 class FileSource:
     """Local files: the built-in standard-library corpus, or a user's file or folder."""
 
-    def __init__(self, files: list[Path], root: Path, text_field: str, label: str):
+    def __init__(self, files: list[Path] | tuple[Path, ...], root: Path, text_field: str, label: str):
         self.files, self.root, self.text_field, self.label = files, root, text_field, label
         if not files:
             raise ValueError(f"no .txt/.md/.rst/.py/.jsonl/.parquet files in {root}")
@@ -127,17 +129,17 @@ def _parse(name: str, data: bytes, suffix: str, text_field: str) -> Iterator[Doc
         yield Document(name, data.decode("utf-8", errors="replace"))
 
 
-def _stdlib_files(with_tests: bool) -> tuple[Path, list[Path]]:
+@functools.lru_cache(maxsize=2)
+def _stdlib_files(with_tests: bool) -> tuple[Path, tuple[Path, ...]]:
+    # Listed once per process (the flow's cache key and the stage both open the source), and
+    # without walking site-packages, which may hold more files than the standard library itself.
     root = Path(sysconfig.get_paths()["stdlib"])
+    skipped = {"site-packages", "__pycache__"} | (set() if with_tests else _STDLIB_TEST_DIRS)
     files = []
-    for path in sorted(root.rglob("*.py")):
-        parts = set(path.relative_to(root).parts[:-1])
-        if "site-packages" in parts or "__pycache__" in parts:
-            continue
-        if not with_tests and parts & _STDLIB_TEST_DIRS:
-            continue
-        files.append(path)
-    return root, files
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in skipped]
+        files += [Path(folder) / name for name in names if name.endswith(".py")]
+    return root, tuple(sorted(files))
 
 
 def open_source(spec: DataSpec):
