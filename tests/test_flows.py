@@ -258,9 +258,9 @@ def test_a_served_deployment_killed_mid_run_and_retried_from_the_ui_resumes(corp
     assert len(rows) == 1 and rows[0]["version"] == "1" and "champion" in rows[0]["aliases"], rows
 
 
-def test_the_ephemeral_prefect_server_dies_with_a_killed_factory_run(corpus_dir, tmp_path):
-    """``kill -9`` of ``factory run`` alone (not its process group) must not leave its ephemeral
-    Prefect server running."""
+def test_the_ephemeral_prefect_server_yields_to_training_and_dies_with_a_killed_factory_run(corpus_dir, tmp_path):
+    """The ephemeral server runs in the SCHED_IDLE class (the training keeps both cores), and
+    ``kill -9`` of ``factory run`` alone (not its process group) must not leave it running."""
     import psutil
 
     env = dict(os.environ, FACTORY_ARTIFACT_ROOT=str(tmp_path / "artifacts"), PREFECT_HOME=str(tmp_path / "prefect"),
@@ -275,6 +275,7 @@ def test_the_ephemeral_prefect_server_dies_with_a_killed_factory_run(corpus_dir,
                                            if "uvicorn" in p.cmdline()), None), 120, "the ephemeral server")
         port = server.cmdline()[server.cmdline().index("--port") + 1]
         wait_for_http(f"http://127.0.0.1:{port}/api/health", timeout=240)
+        assert {os.sched_getscheduler(thread.id) for thread in server.threads()} == {os.SCHED_IDLE}
         run.kill()
         assert run.wait() == -signal.SIGKILL
         _, alive = psutil.wait_procs([server], timeout=30)
