@@ -59,8 +59,18 @@ def is_secret_key(key: str) -> bool:
     return any(w in _SECRET_WORDS for w in words) or any(pair in _SECRET_PAIRS for pair in zip(words, words[1:], strict=False))
 
 
+def _environment() -> dict[str, str]:
+    """A copy of ``os.environ`` taken while other threads may change it: iterating it while
+    MLflow's telemetry thread unset a variable raised KeyError and failed a factory run."""
+    while True:
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):  # a variable went away (or came) mid-copy: copy again
+            continue
+
+
 def _env_secrets() -> list[str]:
-    values = {v for k, v in os.environ.items() if is_secret_key(k) and len(v) >= _MIN_ENV_SECRET_LEN}
+    values = {v for k, v in _environment().items() if is_secret_key(k) and len(v) >= _MIN_ENV_SECRET_LEN}
     return sorted(values, key=len, reverse=True)  # longest first: a secret that contains another goes whole
 
 

@@ -248,6 +248,33 @@ SIGNATURE = "5f1d0c0ffee5ca1ab1e"
 SECRETS = (AWS_SECRET, HF_TOKEN, URI_PASSWORD, API_KEY, REPORT_PASSWORD, SIGNATURE)
 
 
+def test_scrubbing_survives_another_thread_changing_the_environment(monkeypatch):
+    """MLflow's telemetry thread sets and unsets a variable; iterating os.environ meanwhile raised
+    KeyError in the middle of a factory run."""
+    import os
+    import sys
+    import threading
+
+    stop = threading.Event()
+
+    def toggle():
+        while not stop.is_set():
+            os.environ["_FACTORY_TEST_TOGGLE"] = "x"
+            os.environ.pop("_FACTORY_TEST_TOGGLE", None)
+
+    monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
+    thread, interval = threading.Thread(target=toggle), sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the old code failed ~1 call in 4
+    thread.start()
+    try:
+        for _ in range(2000):
+            assert scrub_text(f"pulled with {HF_TOKEN}") == "pulled with ***"
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+
+
 def test_scrub_redacts_secrets_and_keeps_everything_else(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
     monkeypatch.setenv("MY_SERVICE_PASSWORD", "from-the-environment-1")
