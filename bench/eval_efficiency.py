@@ -5,7 +5,7 @@
 
 All three models are transformers' NemotronHForCausalLM with random weights (speed does not
 depend on the values), measured in one process with the evaluation code
-(model/evaluation/efficiency.py): prefill and decode tokens/s at each (batch, context), the
+(model/efficiency.py): prefill and decode tokens/s at each (batch, context), the
 cache bytes of the object the model returns, then torch.profiler over decode steps to say
 where decode time goes. Prints ratio tables and writes bench/results/eval_efficiency.json.
 
@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.architectures import format_parameters  # noqa: E402
-from model.evaluation.efficiency import (  # noqa: E402
+from model.efficiency import (  # noqa: E402
     measure_point,
     prefill_and_decode,
     profile_decode,

@@ -4,7 +4,7 @@
     python bench/eval_mqar.py recipes/mqar/tiny.yaml --steps 200 --models attention hybrid   # shorter
 
 Every model of the recipe trains on the same generated data with the factory's training loop
-(model/evaluation/recall.py ``train_mqar``), then is scored on the recipe's grid of
+(evaluation/recall.py ``train_mqar``), then is scored on the recipe's grid of
 (sequence length, key-value pairs). Prints accuracy by grid point, writes
 bench/results/<name>/mqar.json and recall.png. Runs resume from their checkpoints.
 """
@@ -22,9 +22,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.evaluation.recall import train_mqar  # noqa: E402
-from model.evaluation.report import plot_recall, save_figure  # noqa: E402
-from model.evaluation.spec import MQARRecipe  # noqa: E402
+from evaluation.recall import train_mqar  # noqa: E402
+from evaluation.report import plot_recall, save_figure  # noqa: E402
+from evaluation.spec import MQARRecipe  # noqa: E402
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ attention to recall. This is a CPU-sized version: the `micro` Hymba (6 layers, w
 window 8 so most pairs lie outside the window layers' reach; ~0.29M parameters) against a
 6-layer Llama and a 9-layer Nemotron-H (pattern M-M*-M-M-) of the same width, each with its
 FFN width chosen to match Hymba's parameter count. All three train with the factory's loop
-(model/train.py) on the same MQAR examples (model/evaluation/recall.py), the same steps, batch,
+(model/train.py) on the same MQAR examples (evaluation/recall.py), the same steps, batch,
 learning rate and seed; accuracy is measured on held-out examples at the training length.
 
 Results go to bench/results/hymba_mqar.json.
@@ -29,10 +29,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evaluation.recall import make_mqar, mqar_loss, predict_next, recall_accuracy, write_mqar_rows  # noqa: E402
 from model.architectures import format_parameters, get_family  # noqa: E402
 from model.data import PackedTokens  # noqa: E402
-from model.evaluation.recall import make_mqar, mqar_loss, predict_next, recall_accuracy, write_mqar_rows  # noqa: E402
-from model.specs import TrainSpec  # noqa: E402
+from model.spec import TrainSpec  # noqa: E402
 from model.train import train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hymba_mqar.json"

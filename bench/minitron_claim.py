@@ -31,15 +31,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compression.distill import DistillStageSpec, run_distill  # noqa: E402
-from compression.specs import DistillSpec, ImportanceSpec, PruneTarget  # noqa: E402
-from compression.stages import PruneStageSpec, run_importance, run_prune  # noqa: E402
+from compression import distill_stage, importance_stage, prune_stage  # noqa: E402
+from compression.spec import DistillSpec, ImportanceSpec, PruneTarget  # noqa: E402
+from model import data_stage, pretrain_stage  # noqa: E402
 from model.architectures import format_parameters, load_pretrained  # noqa: E402
+from model.contract import StageContext  # noqa: E402
 from model.data import PackedTokens  # noqa: E402
-from model.pretrain import PretrainSpec, run_prepare_data, run_pretrain  # noqa: E402
-from model.specs import DataSpec, ModelSpec, TokenizerSpec, TrainSpec  # noqa: E402
+from model.spec import DataSpec, ModelSpec, TokenizerSpec, TrainSpec  # noqa: E402
 from model.train import evaluate_loss  # noqa: E402
-from registry.store import open_store  # noqa: E402
+from store import open_store  # noqa: E402
 
 TOKENS_PER_STEP = 16 * 256
 WIDTH = {"hidden_size": 192, "intermediate_size": 512, "mamba_num_heads": 8}
@@ -51,8 +51,8 @@ def main() -> None:
     parser.add_argument("--kd-lr", type=float, default=3e-3)
     parser.add_argument("--out", default="bench/results/minitron.json")
     args = parser.parse_args()
-    store = open_store()
-    data = run_prepare_data(DataSpec(), TokenizerSpec(), store)
+    store, context = open_store(), StageContext("bench")
+    data = data_stage.run(data_stage.DataStageSpec(data=DataSpec(), tokenizer=TokenizerSpec()), {}, store, context)
     validation = PackedTokens(data.uri, "validation")
     rows = range(min(len(validation), 96))
     results, timings = {}, {}
@@ -74,29 +74,29 @@ def main() -> None:
         return max(1, round(tokens / TOKENS_PER_STEP))
 
     T = args.teacher_tokens
-    teacher = timed("teacher (T)", lambda: run_pretrain(PretrainSpec(
-        name="bench-teacher", model=ModelSpec(preset="tiny"),
+    teacher = timed("teacher (T)", lambda: pretrain_stage.run(pretrain_stage.PretrainSpec(
+        model=ModelSpec(preset="tiny"),
         train=TrainSpec(steps=steps(T), lr=3e-3, warmup_steps=20, checkpoint_every=100, eval_every=10**6)),
-        {"data": data}, store))
-    scores = run_importance(ImportanceSpec(samples=64), {"teacher": teacher, "data": data}, store, "bench")
+        {"data": data}, store, context))
+    scores = importance_stage.run(ImportanceSpec(samples=64), {"teacher": teacher, "data": data}, store, context)
 
     def scratch(label: str, tokens: int, overrides: dict):
-        return timed(label, lambda: run_pretrain(PretrainSpec(
-            name=f"bench-scratch-{label.split()[0]}", model=ModelSpec(preset="tiny", overrides=overrides),
+        return timed(label, lambda: pretrain_stage.run(pretrain_stage.PretrainSpec(
+            model=ModelSpec(preset="tiny", overrides=overrides),
             train=TrainSpec(steps=steps(tokens), lr=3e-3, warmup_steps=min(20, steps(tokens) // 5),
-                            checkpoint_every=100, eval_every=10**6)), {"data": data}, store))
+                            checkpoint_every=100, eval_every=10**6)), {"data": data}, store, context))
 
     def pruned_and_distilled(label: str, target: PruneTarget, tokens: int, importance=scores):
-        student = run_prune(PruneStageSpec(name=f"bench-{label.split()[0]}", target=target),
-                            {"teacher": teacher, "scores": importance}, store)
+        student = prune_stage.run(prune_stage.PruneSpec(target=target), {"teacher": teacher, "scores": importance},
+                                  store, context)
         results[f"{label} zero-shot"] = {"val_loss": round(val_loss(student), 4),
                                          "parameters": student.architecture.parameters}
         kd_steps = max(1, round(tokens / (8 * 256)))  # batch 8 x 256: more optimizer steps per token
         spec = DistillSpec(train=TrainSpec(steps=kd_steps, batch_size=8, micro_batch_size=8, lr=args.kd_lr,
                                            warmup_steps=max(1, kd_steps // 10), checkpoint_every=100,
                                            eval_every=10**6))
-        return timed(label, lambda: run_distill(DistillStageSpec(name=f"bench-{label.split()[0]}-{tokens}", distill=spec),
-                                                {"student": student, "teacher": teacher, "data": data}, store))
+        return timed(label, lambda: distill_stage.run(spec, {"student": student, "teacher": teacher, "data": data},
+                                                      store, context))
 
     width = PruneTarget(**WIDTH)
     pruned_and_distilled("a:prune+KD (T/40)", width, T // 40)
@@ -120,15 +120,14 @@ def main() -> None:
 
     # Ablations, all with the same KD on T/40.
     pruned_and_distilled("global heads+KD (T/40)", PruneTarget(**WIDTH, mamba_head_selection="global"), T // 40)
-    random_scores = run_importance(ImportanceSpec(samples=64, method="random"), {"teacher": teacher, "data": data},
-                                   store, "bench-random")
+    random_scores = importance_stage.run(ImportanceSpec(samples=64, method="random"),
+                                         {"teacher": teacher, "data": data}, store, context)
     pruned_and_distilled("random importance+KD (T/40)", width, T // 40, random_scores)
     # Depth-only: drop the 4 least important non-attention layers (KL); width-only at the same size.
-    from compression.importance import load_scores
     from compression.prune import make_plan, pruned_config
     from model.nemotron_h import build_config, parameters_by_kind
 
-    layer_kl, _ = load_scores(store.fetch(scores.uri) / "scores.safetensors")
+    layer_kl = importance_stage.load(store, scores)
     teacher_config = build_config("tiny", {"vocab_size": 4096})
     ranked = [i for i in layer_kl["layer_kl"].argsort().tolist() if teacher_config.layers_block_type[i] != "full_attention"]
     depth = pruned_and_distilled("depth-only+KD (T/40)", PruneTarget(drop_layers=sorted(ranked[:4])), T // 40)

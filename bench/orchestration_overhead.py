@@ -27,36 +27,34 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STAGES = ("prepare_data", "pretrain", "importance", "search", "prune", "distill", "evaluate", "register")
+STAGES = ("data", "pretrain", "importance", "search", "prune", "distill", "evaluate", "register")
 
 
-def timed(stages_class, into: dict):
-    """``stages_class`` whose stage methods add their wall time to ``into[method name]``."""
+def timed(runner_class, into: dict):
+    """``runner_class`` whose ``run`` adds each stage's wall time to ``into[stage name]``."""
 
-    def wrap(name, method):
-        def call(self, *args, **kwargs):
+    class Timed(runner_class):
+        def run(self, stage, spec, inputs):
             started = time.perf_counter()
             try:
-                return method(self, *args, **kwargs)
+                return super().run(stage, spec, inputs)
             finally:
-                into[name] = into.get(name, 0.0) + time.perf_counter() - started
-        return call
+                into[stage.NAME] = into.get(stage.NAME, 0.0) + time.perf_counter() - started
 
-    return type(f"Timed{stages_class.__name__}", (stages_class,),
-                {name: wrap(name, getattr(stages_class, name)) for name in STAGES})
+    return Timed
 
 
 def run_direct(recipe, root: Path, stage_times: dict) -> None:
-    from flows.pipeline import DirectStages, compose
-    from registry.store import LocalStore
+    from flows.pipeline import DirectRunner, compose, context_for
+    from store.local import LocalStore
 
-    compose(recipe, "register", timed(DirectStages, stage_times)(LocalStore(root)))
+    compose(recipe, "register", timed(DirectRunner, stage_times)(LocalStore(root), context_for(recipe)))
 
 
 def run_prefect(recipe, root: Path, stage_times: dict) -> None:
     import flows.factory
 
-    flows.factory.PrefectStages = timed(flows.factory.PrefectStages, stage_times)
+    flows.factory.PrefectRunner = timed(flows.factory.PrefectRunner, stage_times)
     flows.factory.factory(recipe)
 
 

@@ -26,13 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compression.importance import activation_scores, calibration_rows, estimate_importance, random_scores  # noqa: E402
 from compression.prune import prune_model  # noqa: E402
-from compression.specs import ImportanceSpec, PruneTarget  # noqa: E402
+from compression.spec import ImportanceSpec, PruneTarget  # noqa: E402
+from model import data_stage, pretrain_stage  # noqa: E402
 from model.architectures import load_pretrained  # noqa: E402
+from model.contract import StageContext  # noqa: E402
 from model.data import PackedTokens  # noqa: E402
-from model.pretrain import PretrainSpec, run_prepare_data, run_pretrain  # noqa: E402
-from model.specs import DataSpec, ModelSpec, TokenizerSpec, TrainSpec  # noqa: E402
+from model.spec import DataSpec, ModelSpec, TokenizerSpec, TrainSpec  # noqa: E402
 from model.train import evaluate_loss  # noqa: E402
-from registry.store import open_store  # noqa: E402
+from store import open_store  # noqa: E402
 
 RANDOM_SEEDS = range(3)
 
@@ -42,12 +43,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--out", default="bench/results/prune_ablation.json")
     args = parser.parse_args()
-    store = open_store()
-    data = run_prepare_data(DataSpec(), TokenizerSpec(), store)
-    teacher_ref = run_pretrain(PretrainSpec(name="bench-4hpg", model=ModelSpec(preset="tiny-4hpg"),
-                                            train=TrainSpec(steps=args.steps, lr=3e-3, warmup_steps=12,
-                                                            checkpoint_every=40, eval_every=10**6)),
-                               {"data": data}, store)
+    store, context = open_store(), StageContext("bench-4hpg")
+    data = data_stage.run(data_stage.DataStageSpec(data=DataSpec(), tokenizer=TokenizerSpec()), {}, store, context)
+    teacher_ref = pretrain_stage.run(pretrain_stage.PretrainSpec(
+        model=ModelSpec(preset="tiny-4hpg"),
+        train=TrainSpec(steps=args.steps, lr=3e-3, warmup_steps=12, checkpoint_every=40, eval_every=10**6)),
+        {"data": data}, store, context)
     net, _ = load_pretrained(store.fetch(teacher_ref.uri), dtype=torch.float32)
     net.eval()
     train, validation = PackedTokens(data.uri, "train"), PackedTokens(data.uri, "validation")

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from registry.store import S3Store, default_transfer_config, s3_client  # noqa: E402
+from store.s3 import S3Store, default_transfer_config, s3_client  # noqa: E402
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:

@@ -27,9 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.architectures import get_family  # noqa: E402
-from model.pretrain import build_model_config  # noqa: E402
-from model.specs import ModelSpec  # noqa: E402
+from model.architectures import build_model_config, get_family  # noqa: E402
+from model.spec import ModelSpec  # noqa: E402
 from model.tokenizer import train_bpe  # noqa: E402
 from sdg.backends import DEFAULT_CHAT_TEMPLATE, ChatRequest, EndpointGenerator, LocalGenerator  # noqa: E402
 from sdg.shards import RecordShards, record_key  # noqa: E402

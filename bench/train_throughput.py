@@ -35,17 +35,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import NemotronHForCausalLM  # noqa: E402
 
+from model import data_stage  # noqa: E402
+from model.architectures import build_model_config  # noqa: E402
+from model.contract import StageContext  # noqa: E402
 from model.data import PackedTokens  # noqa: E402
-from model.pretrain import build_model_config, load_tokenizer, run_prepare_data  # noqa: E402
-from model.specs import DataSpec, ModelSpec, TokenizerSpec, TrainSpec  # noqa: E402
+from model.spec import DataSpec, ModelSpec, TokenizerSpec, TrainSpec  # noqa: E402
+from model.tokenizer import load_tokenizer  # noqa: E402
 from model.train import global_batch, train  # noqa: E402
-from registry.store import open_store  # noqa: E402
+from store import open_store  # noqa: E402
 
 
 def training_setup(preset: str, steps: int) -> tuple[PackedTokens, object, TrainSpec]:
     """The built-in corpus, a model config of ``preset`` and a 16 x 256-token step, with
     checkpointing and evaluation off: what every throughput measurement here trains."""
-    data_ref = run_prepare_data(DataSpec(), TokenizerSpec(), open_store())
+    data_ref = data_stage.run(data_stage.DataStageSpec(data=DataSpec(), tokenizer=TokenizerSpec()), {}, open_store(),
+                              StageContext("bench"))
     config = build_model_config(ModelSpec(preset=preset), load_tokenizer(data_ref.tokenizer_uri))
     spec = TrainSpec(steps=steps, batch_size=16, micro_batch_size=8, warmup_steps=2,
                      checkpoint_every=10**9, eval_every=10**9)
@@ -100,10 +104,10 @@ def mlflow_metrics(spec: TrainSpec):
 
 @contextmanager
 def prefect_progress(spec: TrainSpec):
-    from tasks.artifacts import training_progress
+    from tasks.ui import stage_progress
 
-    with training_progress("bench", "pretrain", spec.steps) as on_step:
-        yield on_step
+    with stage_progress("bench", "pretrain") as progress:
+        yield lambda record: progress(record["step"] / spec.steps)
 
 
 def in_prefect_task(net, data: PackedTokens, spec: TrainSpec) -> float:

@@ -11,29 +11,25 @@ ids), ``ce_weight`` adds next-token cross entropy, ``cosine_weight`` adds 1 - co
 depth-pruned student's block outputs and those of the teacher blocks they came from.
 
 The teacher is frozen in eval mode and runs on the fly. Training reuses model/train.py: the
-same loop, checkpoints, resume, progress bar and DDP; only the loss differs.
+same loop, checkpoints, resume, progress bar and DDP; only the loss differs. The stage around
+it (fetching, launching, publishing) is ``compression/distill_stage.py``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from compression.specs import DistillSpec
+from compression.prune import PRUNING_FILE
+from compression.spec import DistillSpec
 from model import distributed
-from model.architectures import get_family, load_pretrained
-from model.contract import ArchSummary, DataRef, Lineage, ModelRef, Stage, json_digest, stored_ref
+from model.contract import StepCallback
 from model.data import PackedTokens
-from model.fsutil import atomic_write_text
-from model.pretrain import HISTORY_FILE, MODEL_DIR
-from model.specs import Section
 from model.tokenizer import tokenization_of
-from model.train import LossFn, StepCallback, train
+from model.train import LossFn, train
 
 
 def kd_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
@@ -111,7 +107,7 @@ def check_compatible(teacher_dir: Path, student_dir: Path) -> None:
 
 def depth_layer_map(student_dir: Path) -> dict[int, int]:
     """Student layer -> the teacher layer it was cut from, from the student's pruning.json."""
-    record = Path(student_dir) / "pruning.json"
+    record = Path(student_dir) / PRUNING_FILE
     if not record.is_file():
         return {}
     kept = json.loads(record.read_text()).get("kept_layers", [])
@@ -129,73 +125,3 @@ def distill(student, teacher, data: PackedTokens, spec: DistillSpec, work_dir: P
     loss_fn = make_kd_loss(teacher, spec, layer_map if spec.cosine_weight else None)
     return train(student, data, spec.train, work_dir, validation=validation, loss_fn=loss_fn,
                  callbacks=callbacks, description=description)
-
-
-DISTILL = Stage("distill", ("compression.distill", "model.train", "model.checkpoint"))
-
-
-class DistillStageSpec(Section):
-    name: str
-    distill: DistillSpec
-
-
-def run_distill(spec: DistillStageSpec, inputs: dict, store, callbacks: tuple[StepCallback, ...] = ()) -> ModelRef:
-    """Distill ``inputs['student']`` from ``inputs['teacher']`` on ``inputs['data']``."""
-    from compression.stages import model_folder
-
-    student_ref: ModelRef = inputs["student"]
-    teacher_ref: ModelRef = inputs["teacher"]
-    data_ref: DataRef = inputs["data"]
-    key = DISTILL.key(spec, inputs)
-    ref_key = f"distill/{spec.name}-{student_ref.digest[:8]}-{key[:8]}"
-    if (cached := stored_ref(store, ref_key, ModelRef)) is not None:
-        return cached
-
-    student_dir, teacher_dir = model_folder(store, student_ref), model_folder(store, teacher_ref)
-    check_compatible(teacher_dir, student_dir)
-    work_dir = store.stage_dir("distill", ref_key.split("/", 1)[1])
-    launch = {"spec": spec.model_dump(mode="json"), "student_dir": str(student_dir), "teacher_dir": str(teacher_dir),
-              "data_dir": str(store.fetch(data_ref.uri)), "work_dir": str(work_dir)}
-    if spec.distill.train.num_processes > 1 and not distributed.under_torchrun():
-        distributed.launch_workers("compression.distill", launch, spec.distill.train.num_processes, work_dir)
-    else:
-        _distill_and_save(launch, callbacks)
-
-    out = work_dir / MODEL_DIR
-    history = json.loads((out / HISTORY_FILE).read_text())
-    uri = store.publish(out, f"{ref_key}/{MODEL_DIR}")
-    config = json.loads((out / "config.json").read_text())
-    from transformers import AutoConfig
-
-    summary = get_family(config["model_type"]).summarize(AutoConfig.from_pretrained(out))
-    ref = ModelRef(uri=uri, digest=store.published_digest(uri), architecture=ArchSummary(**summary),
-                   lineage=Lineage(stage="distill", spec_digest=json_digest(spec), code_digest=DISTILL.code(),
-                                   parents=[student_ref.digest, teacher_ref.digest, data_ref.digest],
-                                   recipe_name=spec.name),
-                   metrics=history["metrics"])
-    store.write_ref(ref_key, ref)
-    return ref
-
-
-def _distill_and_save(launch: dict, callbacks: tuple[StepCallback, ...] = ()) -> None:
-    """Load, distill and save (rank 0) what a launch record describes; runs in every process."""
-    spec = DistillStageSpec.model_validate(launch["spec"])
-    work_dir, student_dir = Path(launch["work_dir"]), Path(launch["student_dir"])
-    student, tokenizer = load_pretrained(student_dir, dtype=torch.float32)
-    teacher, _ = load_pretrained(launch["teacher_dir"], dtype=torch.float32)
-    result = distill(student, teacher, PackedTokens(launch["data_dir"], "train"), spec.distill, work_dir,
-                     validation=PackedTokens(launch["data_dir"], "validation"),
-                     layer_map=depth_layer_map(student_dir), callbacks=callbacks, description=f"distill {spec.name}")
-    if int(os.environ.get("RANK", "0")) == 0:
-        out = work_dir / MODEL_DIR
-        result["model"].save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        if (student_dir / "pruning.json").is_file():
-            (out / "pruning.json").write_text((student_dir / "pruning.json").read_text())
-        metrics = {k: result[k] for k in ("steps", "tokens_seen", "final_loss", "val_loss")}
-        atomic_write_text(out / HISTORY_FILE, json.dumps({"metrics": metrics, "history": result["history"]}))
-
-
-if __name__ == "__main__":  # a torchrun worker
-    _distill_and_save(json.loads(Path(sys.argv[1]).read_text()))
-    distributed.teardown(distributed.setup("auto"))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from compression.specs import ImportanceSpec
+from compression.spec import ImportanceSpec
 from model.data import PackedTokens
 
 Scores = dict[str, torch.Tensor]

@@ -23,12 +23,14 @@ group; keeping the same number per group keeps every head's group (and its gated
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from compression.importance import Scores
-from compression.specs import PruneTarget
+from compression.spec import PruneTarget
 
 PRUNABLE_LAYER_TYPES = {"linear_attention", "full_attention", "mlp"}
 # Hymba would need its own slicing (one in_proj feeding attention and SSM heads, a shared
@@ -263,3 +265,25 @@ def prune(net, scores: Scores, target: PruneTarget):
 
 def prune_model(net, scores: Scores, target: PruneTarget):
     return prune(net, scores, target)[0]
+
+
+PRUNING_FILE = "pruning.json"  # in a pruned checkpoint: target, teacher, kept layers (distill reads kept_layers)
+
+
+def prune_checkpoint(teacher_dir: Path, out_dir: Path, scores: Scores, target: PruneTarget, provenance: dict) -> dict:
+    """Prune a checkpoint folder into ``out_dir`` (config, safetensors, tokenizer, pruning.json);
+    returns the student's architecture summary."""
+    from model.architectures import get_family, load_pretrained
+
+    net, tokenizer = load_pretrained(teacher_dir, dtype=torch.float32)
+    student, plan = prune(net, scores, target)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    summary = get_family(student.config.model_type).summarize(student.config)
+    record = provenance | {"target": target.model_dump(mode="json", exclude_none=True),
+                           "kept_layers": plan.layers,
+                           "teacher_parameters": sum(p.numel() for p in net.parameters()),
+                           "student_parameters": summary["parameters"]}
+    (out_dir / PRUNING_FILE).write_text(json.dumps(record, indent=1))
+    return summary

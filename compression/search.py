@@ -27,7 +27,7 @@ from pathlib import Path
 from compression.distill import distill
 from compression.importance import Scores
 from compression.prune import make_plan, prune, pruned_config, target_problems
-from compression.specs import PruneTarget, SearchSpec
+from compression.spec import PruneTarget, SearchSpec
 from model.architectures import get_family
 from model.cost import inference_memory
 from model.data import PackedTokens
@@ -107,7 +107,7 @@ def _keeps_attention(config, drop_layers: list[int]) -> bool:
 
 def _decode_speed(model, spec: SearchSpec) -> tuple[float, float]:
     """(decode tokens/s, ms per decode step) at the spec's throughput batch and context."""
-    from model.evaluation.efficiency import measure_point
+    from model.efficiency import measure_point
 
     point = measure_point(model, spec.throughput_batch, spec.throughput_context, decode_tokens=8, warmup=1,
                           repeats=2, device=next(model.parameters()).device)
@@ -230,8 +230,3 @@ def write_report(report: dict, folder: Path) -> None:
     (folder / "search.json").write_text(json.dumps(report, indent=1))
     (folder / "search.md").write_text(markdown_report(report))
     pareto_plot(report, folder / "search_pareto.png")
-
-
-def chosen_target(report: dict) -> PruneTarget:
-    return PruneTarget(**report["chosen"]["target"])
-

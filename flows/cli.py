@@ -1,4 +1,7 @@
-"""The ``factory`` command line (the contract of DESIGN.md)."""
+"""The ``factory`` command line (docs/design.md lists it; the README shows it in use).
+
+Every command imports what it needs when it runs: ``factory validate`` and a fully cached
+``factory run`` never import Prefect, and the server starts only when a stage has work to do."""
 
 from __future__ import annotations
 
@@ -21,17 +24,21 @@ def _load_or_exit(path: str):
 
 
 def cmd_validate(args) -> int:
-    from flows.recipe import summary
+    from flows.recipe import explain, summary
 
-    print(summary(_load_or_exit(args.recipe)))
+    recipe = _load_or_exit(args.recipe)
+    print(summary(recipe))
+    if args.explain:
+        print()
+        print(explain(recipe))
     return 0
 
 
 def _describe(name: str, ref) -> str:
     from model.architectures import format_parameters
 
-    if isinstance(ref, str):  # a registered version
-        return f"{name:<9} {ref}"
+    if not hasattr(ref, "digest"):  # a registered version
+        return f"{name:<9} {ref.uri}"
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in getattr(ref, "metrics", {}).items() if isinstance(v, int | float))
     if hasattr(ref, "architecture"):
         size = f"{format_parameters(ref.architecture.parameters)} parameters"
@@ -47,7 +54,7 @@ def _run_until(args, until: str) -> int:
     """``factory pretrain|compress|distill``: the stages up to one, earlier ones from cache."""
     from flows import pipeline
     from flows.recipe import summary
-    from registry.store import open_store
+    from store import open_store
 
     recipe = _load_or_exit(args.recipe)
     print(summary(recipe))
@@ -55,34 +62,75 @@ def _run_until(args, until: str) -> int:
     data = refs.pop("data")
     print(f"data      {data.train_tokens:,} training / {data.validation_tokens:,} validation tokens  {data.uri}")
     for name, ref in refs.items():
-        if ref is not None and name != "gate":
-            print(_describe(name, ref))
-    last = refs[{"pretrain": "teacher", "compress": "student", "distill": "distilled", "evaluate": "evaluation"}[until]]
-    print(last.uri)  # the last line: what the command produced
+        print(_describe(name, ref))
+    print(refs[pipeline.UNTIL[until]].uri)  # the last line: what the command produced
     return 0
 
 
+def format_plan(steps) -> str:
+    """One line per stage: what compose calls its result, the stage, cached or to run, and why."""
+    rows = [(step.name, step.stage, "cached" if step.cached else "to run", step.reason) for step in steps]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:<{widths[2]}}  {d}" for a, b, c, d in rows)
+
+
+def summary_table(refs: dict) -> str:
+    """Teacher vs student: parameters, validation loss, decode speed (what `make demo` prints)."""
+    from model.architectures import format_parameters
+
+    evaluation = refs.get("evaluation")
+    student = refs.get("distilled") or refs.get("student")
+
+    def measured(ref) -> dict:
+        label = evaluation.label_of(ref.digest) if evaluation and ref else None
+        return evaluation.metrics.get(label, {}) if label else {}
+
+    lines = [f"{'':8} {'parameters':>11} {'val loss':>9} {'decode tok/s':>13}"]
+    for label, ref in (("teacher", refs["teacher"]), ("student", student)):
+        if ref is None:
+            continue
+        m = measured(ref)
+        val = m.get("val_loss", ref.metrics.get("val_loss"))
+        decode = next((v for k, v in m.items() if k.startswith("decode_tokens_per_s")), None)
+        lines.append(f"{label:8} {format_parameters(ref.architecture.parameters):>11} "
+                     f"{val if val is None else format(val, '.3f'):>9} {'' if decode is None else format(decode, '.1f'):>13}")
+    return "\n".join(lines)
+
+
 def cmd_run(args) -> int:
-    """The whole factory as a Prefect flow; prints the teacher/student table and the model URI."""
-    from flows.local_stack import prefect_environment, start_ephemeral_prefect
+    """The whole factory; prints the teacher/student table and the model URI. With every stage
+    already stored, it only registers (idempotent) and starts no Prefect server; ``--plan`` says
+    what would run, and why, and runs nothing."""
+    from flows import pipeline
+    from flows.recipe import summary
+    from store import open_store
 
     recipe = _load_or_exit(args.recipe)
-    prefect_environment()
-    start_ephemeral_prefect()
-    from flows.factory import factory, summary_table
-    from flows.recipe import summary
-
     print(summary(recipe))
-    refs = factory(recipe)
+    store = open_store()
+    steps = pipeline.plan(recipe, store)
+    if args.plan:
+        print()
+        print(format_plan(steps))
+        return 0
+    if all(step.cached or not step.cacheable for step in steps):
+        print("every stage is stored: registering (idempotent), no flow run needed", file=sys.stderr)
+        refs = pipeline.run(recipe, store, until="register")
+    else:
+        from flows.local_stack import prefect_environment, start_ephemeral_prefect
+
+        prefect_environment()
+        start_ephemeral_prefect()
+        from flows.factory import factory
+
+        refs = factory(recipe)
     print()
     print(summary_table(refs))
-    if (gate := refs.get("gate")) is not None:
+    if (gate := refs["evaluation"].gate_of(refs["distilled"].digest)) is not None:
         print(f"gate: {'passed' if gate.passed else 'failed: ' + '; '.join(gate.reasons)}")
-    from registry.store import open_store
-
-    print(f"report: {open_store().fetch(refs['evaluation'].uri)}/report.md")
+    print(f"report: {store.fetch(refs['evaluation'].uri)}/report.md")
     print("UIs: `factory up` starts Prefect (flow runs, artifacts) and MLflow (runs, registry) on this machine")
-    print(refs["student_version"])
+    print(refs["student_version"].uri)
     return 0
 
 
@@ -140,15 +188,18 @@ def cmd_prune(args) -> int:
     from pydantic import ValidationError
     from transformers import AutoConfig
 
+    from compression import importance_stage
     from compression.importance import load_scores
-    from compression.prune import score_problems, target_problems
-    from compression.specs import ImportanceSpec, PruneTarget
-    from compression.stages import SCORES_FILE, external_model_ref, prune_checkpoint, run_importance
+    from compression.prune import prune_checkpoint, score_problems, target_problems
+    from compression.spec import ImportanceSpec, PruneTarget
+    from flows.pipeline import DirectRunner
     from flows.recipe import validation_problems
-    from model.architectures import format_parameters
-    from model.pretrain import run_prepare_data
-    from model.specs import DataSpec, TokenizerSpec
-    from registry.store import open_store
+    from model import data_stage
+    from model.architectures import external_model_ref, format_parameters
+    from model.contract import StageContext
+    from model.device import DevicePolicy
+    from model.spec import DataSpec, TokenizerSpec
+    from store import open_store
 
     model_dir, out_dir = Path(args.model_dir), Path(args.out_dir)
     try:
@@ -168,6 +219,7 @@ def cmd_prune(args) -> int:
     if problems:
         _fail(problems, str(model_dir))
 
+    teacher = external_model_ref(model_dir)
     if args.scores:
         scores, _ = load_scores(Path(args.scores))
         if bad := score_problems(config, scores):
@@ -175,16 +227,15 @@ def cmd_prune(args) -> int:
         scores_path = Path(args.scores)
     else:
         store = open_store()
-        teacher = external_model_ref(model_dir)
-        data = run_prepare_data(data_spec, TokenizerSpec(path=str(model_dir)), store)
-        scores_ref = run_importance(ImportanceSpec(samples=args.samples), {"teacher": teacher, "data": data}, store)
-        scores_path = store.fetch(scores_ref.uri) / SCORES_FILE
+        runner = DirectRunner(store, StageContext(recipe_name="prune", device=DevicePolicy.from_environment()))
+        data = runner.run(data_stage, data_stage.DataStageSpec(data=data_spec, tokenizer=TokenizerSpec(path=str(model_dir))), {})
+        scores_ref = runner.run(importance_stage, ImportanceSpec(samples=args.samples), {"teacher": teacher, "data": data})
+        scores_path = store.fetch(scores_ref.uri) / importance_stage.SCORES_FILE
         scores, _ = load_scores(scores_path)
     summary = prune_checkpoint(model_dir, out_dir, scores, target, {"teacher": str(model_dir.resolve()),
                                                                     "scores": str(scores_path)})
-    teacher_parameters = sum(external_model_ref(model_dir).architecture.parameters_by_kind.values())
-    print(f"pruned {format_parameters(teacher_parameters)} -> {format_parameters(summary['parameters'])} parameters, "
-          f"layers {summary['layer_pattern']}")
+    print(f"pruned {format_parameters(teacher.architecture.parameters)} -> {format_parameters(summary['parameters'])} "
+          f"parameters, layers {summary['layer_pattern']}")
     print(f"scores {scores_path} (reuse with --scores)")
     print(out_dir)
     return 0
@@ -228,13 +279,14 @@ def cmd_models_get(args) -> int:
 def cmd_sdg(args) -> int:
     """Synthetic data (sdg/): prompts, responses, scores and filters -> SFT and preference datasets."""
     from flows import pipeline
-    from registry.store import open_store
+    from sdg import sdg_stage
+    from store import open_store
 
     recipe = _load_or_exit(args.recipe)
     if recipe.sdg is None:
         _fail([("sdg", "the recipe has no sdg section")], args.recipe)
-    stages = pipeline.DirectStages(open_store())
-    ref = stages.sdg(recipe.sdg, pipeline.sdg_inputs(recipe, stages), recipe.name)
+    runner = pipeline.DirectRunner(open_store(), pipeline.context_for(recipe))
+    ref = runner.run(sdg_stage, recipe.sdg, pipeline.sdg_inputs(recipe, runner))
     steps = ref.metadata["stats"]
     generated = sum(s.get("generated", 0) for s in steps.values())
     reused = sum(s.get("reused", 0) for s in steps.values())
@@ -248,16 +300,18 @@ def cmd_sdg(args) -> int:
 EXIT_GATE_FAILED = 3
 
 
-def cmd_eval(args) -> int:
-    """Evaluate a checkpoint (folder, s3:// or models:/NAME@ALIAS) and write metrics.json, report.md, plots."""
+def cmd_evaluate_model(args) -> int:
+    """Evaluate any checkpoint (folder, s3:// or models:/NAME@ALIAS): metrics.json, report.md, plots.
+    (``factory evaluate RECIPE`` is the recipe's evaluate stage; this one needs no recipe.)"""
     from pathlib import Path
 
     from pydantic import ValidationError
 
+    from evaluation.evaluate import evaluate_folders
+    from evaluation.spec import EvaluateSpec
     from flows.recipe import validation_problems
-    from model.evaluation.spec import EvaluateSpec
-    from model.evaluation.stage import evaluate_folders
-    from registry.store import artifact_root, open_store
+    from model.device import DevicePolicy
+    from store import artifact_root, open_store
 
     def checkpoint(uri: str) -> Path:
         if uri.startswith(("models:/", "s3://")):
@@ -275,23 +329,27 @@ def cmd_eval(args) -> int:
     try:
         spec = EvaluateSpec.model_validate(values)
     except ValidationError as e:
-        print("factory eval: invalid options", file=sys.stderr)
+        print("factory evaluate-model: invalid options", file=sys.stderr)
         for path, message in validation_problems(e):
             print(f"  {path}: {message}", file=sys.stderr)
         return EXIT_INVALID
     data_dir = Path(args.data) if args.data else None
     if recipe is not None and data_dir is None and "quality" in spec.sections:
-        from model.pretrain import run_prepare_data
+        from flows.pipeline import DirectRunner, context_for
+        from model import data_stage
 
         store = open_store()
-        data_dir = store.fetch(run_prepare_data(recipe.data, recipe.tokenizer, store, recipe.name).uri)
+        data = DirectRunner(store, context_for(recipe)).run(
+            data_stage, data_stage.DataStageSpec(data=recipe.data, tokenizer=recipe.tokenizer), {})
+        data_dir = store.fetch(data.uri)
 
     model_dir = checkpoint(args.model)
     label = model_dir.parent.name if model_dir.name == "model" else model_dir.name
     folders = {"teacher": checkpoint(args.teacher)} if args.teacher else {}
     folders[label if label != "teacher" else "candidate"] = model_dir
     out = Path(args.out) if args.out else Path(artifact_root()) / "eval" / label
-    evaluation = evaluate_folders(folders, spec, out, "teacher" if args.teacher else None, data_dir)
+    evaluation = evaluate_folders(folders, spec, out, "teacher" if args.teacher else None, data_dir,
+                                  device_policy=DevicePolicy.from_environment())
     for name, metrics in evaluation.metrics.items():
         shown = {k: v for k, v in metrics.items() if k in ("val_loss", "kl_to_teacher", "greedy_agreement",
                                                           "mqar_accuracy", "passkey_accuracy") or "/acc" in k}
@@ -309,10 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("validate", help="check a recipe; exit 2 listing bad fields")
     p.add_argument("recipe")
+    p.add_argument("--explain", action="store_true", help="also list every field with its value and what it means")
     p.set_defaults(func=cmd_validate)
 
     p = commands.add_parser("run", help="the whole factory flow (Prefect); prints the registered model URI")
     p.add_argument("recipe")
+    p.add_argument("--plan", action="store_true",
+                   help="print each stage as cached or to run, and why, and run nothing")
     p.set_defaults(func=cmd_run)
 
     p = commands.add_parser("up", help="start local Prefect and MLflow servers (and S3 with --s3) for the UIs")
@@ -325,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("down", help="stop what `factory up` started")
     p.set_defaults(func=cmd_down)
 
-    p = commands.add_parser("evaluate", help="evaluate the recipe's teacher and distilled student (report + gate)")
+    p = commands.add_parser("evaluate", help="the recipe's stages up to its evaluate stage: teacher and distilled "
+                                             "student measured, report and gate (see evaluate-model for any checkpoint)")
     p.add_argument("recipe")
     p.set_defaults(func=cmd_evaluate)
 
@@ -363,8 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.set_defaults(func=cmd_models_get)
 
-    p = commands.add_parser("eval", help="evaluate a checkpoint: lm-eval tasks, recall, efficiency, quality; "
-                                         "exit 3 when a gate fails")
+    p = commands.add_parser("evaluate-model", help="evaluate any checkpoint, no recipe needed: lm-eval tasks, "
+                                                   "recall, efficiency, quality; exit 3 when a gate fails")
     p.add_argument("model", metavar="MODEL", help="a checkpoint folder, s3://... or models:/NAME@ALIAS")
     p.add_argument("--tasks", nargs="+", help="lm-eval task names (default: factory_local, generated offline)")
     p.add_argument("--sections", nargs="+", help="any of quality, tasks, recall, efficiency (default: all)")
@@ -372,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="a teacher checkpoint: adds KL, greedy agreement, ratios and the gate")
     p.add_argument("--data", help="a prepared data folder (meta.json + shards) for validation loss")
     p.add_argument("--recipe", help="take the evaluate section (and the data) from this recipe")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_evaluate_model)
 
     p = commands.add_parser("sdg", help="synthetic data: prompts, responses, reward scores, filters -> "
                                         "SFT and preference datasets (resumable per record)")

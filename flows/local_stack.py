@@ -22,7 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from registry.store import artifact_root
+from store import artifact_root
 
 STATE_FILE = "local-stack.json"
 

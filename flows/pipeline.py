@@ -1,37 +1,56 @@
 """The factory's stages in order, once, for every way of running them.
 
-    data -> teacher (pretrain, or the recipe's start_from) -> importance -> search | target
+    data -> teacher (pretrain, or the recipe's start_from) -> importance -> search (or a fixed target)
          -> prune -> distill -> evaluate -> register (teacher, then student)
 
-``compose(recipe, until, stages)`` is the sequence; ``stages`` says how each stage runs:
-``DirectStages`` calls the stage functions in this process (``factory pretrain|compress|
-distill|evaluate``, and the baseline the orchestration benchmark measures against);
-``flows/factory.py`` runs them as Prefect tasks. Every stage returns a ref and skips work
-whose result is already stored, so running a recipe twice computes nothing the second time.
+``compose(recipe, until, runner)`` is that sequence. Each line hands one stage module its spec
+and the refs it takes, and never looks inside a ref (the prune stage reads the search's choice,
+the register stage the gate), so the same sequence can run, be planned or be orchestrated;
+``runner.run(stage, spec, inputs)`` says how:
+
+    DirectRunner   each stage called in this process (``factory pretrain|compress|distill|evaluate``)
+    PlanRunner     nothing runs: each stage is cached or to run, and why (``factory run --plan``)
+    PrefectRunner  each stage a cached, retried, tracked Prefect task (``flows/factory.py``)
+
+Adding a stage is its module (``model/contract.py`` says what it exports) plus one line here.
 """
 
 from __future__ import annotations
 
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from compression.distill import DistillStageSpec, run_distill
-from compression.stages import (
-    PruneStageSpec,
-    SearchStageSpec,
-    external_model_ref,
-    run_importance,
-    run_prune,
-    run_search,
-)
+from compression import distill_stage, importance_stage, prune_stage, search_stage
+from compression.prune_stage import PruneSpec
+from evaluation import evaluate_stage
 from flows.recipe import Recipe
-from model.contract import json_digest
-from model.pretrain import DataStageSpec, run_prepare_data, run_pretrain
-from model.specs import TokenizerSpec
+from model import data_stage, pretrain_stage
+from model.contract import ArtifactStore, Ref, StageContext, ref_key, stored_ref
+from model.data_stage import DataStageSpec
+from model.device import DevicePolicy
+from model.digests import json_digest
+from model.spec import TokenizerSpec
+from registry import register_stage
+from registry.register_stage import RegistrationSpec
+from sdg import sdg_stage
 
-UNTIL = ("pretrain", "compress", "distill", "evaluate", "register")
+STAGES = (data_stage, pretrain_stage, importance_stage, search_stage, prune_stage, distill_stage, evaluate_stage,
+          register_stage, sdg_stage)
+
+# How far ``factory pretrain|compress|distill|evaluate|run`` goes, and the ref that is its result.
+UNTIL = {"pretrain": "teacher", "compress": "student", "distill": "distilled", "evaluate": "evaluation",
+         "register": "student_version"}
 
 
-def resolve_start_from(uri: str, store) -> Path:
+def context_for(recipe: Recipe, parent_run: str | None = None) -> StageContext:
+    """The context of every stage of a recipe's run: its name and digest, the tracking run, and
+    this worker's device policy (``FACTORY_DEVICE``)."""
+    return StageContext(recipe_name=recipe.name, recipe_digest=json_digest(recipe), parent_run=parent_run,
+                        device=DevicePolicy.from_environment())
+
+
+def resolve_start_from(uri: str, store: ArtifactStore) -> Path:
     """A local checkpoint folder for a recipe's ``start_from``."""
     if uri.startswith("hf:"):
         from huggingface_hub import snapshot_download
@@ -44,129 +63,171 @@ def resolve_start_from(uri: str, store) -> Path:
     return Path(uri).expanduser().resolve()
 
 
-def compose(recipe: Recipe, until: str, stages) -> dict:
-    """Run the stages up to ``until`` (one of UNTIL); returns every ref by name."""
+def compose(recipe: Recipe, until: str, runner) -> dict:
+    """Run the stages up to ``until`` (a key of UNTIL); returns every ref by name."""
     if until not in UNTIL:
-        raise ValueError(f"until must be one of {UNTIL}, got {until!r}")
+        raise ValueError(f"until must be one of {', '.join(UNTIL)}, got {until!r}")
     if until != "pretrain" and recipe.compress is None:
         raise ValueError(f"recipe {recipe.name} has no compress section: it can only pretrain")
     if until not in ("pretrain", "compress") and recipe.distill is None:
         raise ValueError(f"recipe {recipe.name} has no distill section")
     refs = {}
-    teacher_dir = resolve_start_from(recipe.start_from, stages.store) if recipe.start_from else None
+    teacher_dir = resolve_start_from(recipe.start_from, runner.store) if recipe.start_from else None
     tokenizer = TokenizerSpec(path=str(teacher_dir)) if teacher_dir else recipe.tokenizer
-    refs["data"] = stages.prepare_data(DataStageSpec(data=recipe.data, tokenizer=tokenizer), recipe.name)
+    refs["data"] = runner.run(data_stage, DataStageSpec(data=recipe.data, tokenizer=tokenizer), {})
     if teacher_dir is not None:
+        from model.architectures import external_model_ref
+
         refs["teacher"] = external_model_ref(teacher_dir)
     else:
-        refs["teacher"] = stages.pretrain(recipe.pretrain_spec(), {"data": refs["data"]})
+        refs["teacher"] = runner.run(pretrain_stage, recipe.pretrain_spec(), {"data": refs["data"]})
     if until == "pretrain":
         return refs
 
     teacher_and_data = {"teacher": refs["teacher"], "data": refs["data"]}
-    refs["scores"] = stages.importance(recipe.compress.importance, teacher_and_data, recipe.name)
-    target = recipe.compress.target
+    refs["scores"] = runner.run(importance_stage, recipe.compress.importance, teacher_and_data)
+    prune_inputs = {"teacher": refs["teacher"], "scores": refs["scores"]}
     if recipe.compress.search is not None:
-        refs["search"] = stages.search(SearchStageSpec(name=recipe.name, search=recipe.compress.search),
-                                       teacher_and_data | {"scores": refs["scores"]})
-        target = refs["search"].metadata["chosen_target"]
-    refs["student"] = stages.prune(PruneStageSpec(name=recipe.name, target=target),
-                                   {"teacher": refs["teacher"], "scores": refs["scores"]})
+        refs["search"] = prune_inputs["search"] = runner.run(search_stage, recipe.compress.search,
+                                                              teacher_and_data | {"scores": refs["scores"]})
+    refs["student"] = runner.run(prune_stage, PruneSpec(target=recipe.compress.target), prune_inputs)
     if until == "compress":
         return refs
 
-    refs["distilled"] = stages.distill(DistillStageSpec(name=recipe.name, distill=recipe.distill),
-                                       {"student": refs["student"], "teacher": refs["teacher"], "data": refs["data"]})
+    refs["distilled"] = runner.run(distill_stage, recipe.distill,
+                                   {"student": refs["student"], "teacher": refs["teacher"], "data": refs["data"]})
     if until == "distill":
         return refs
 
-    refs["evaluation"] = stages.evaluate(recipe.evaluate, {"teacher": refs["teacher"], "models": [refs["distilled"]],
-                                                           "data": refs["data"]}, recipe.name)
+    refs["evaluation"] = runner.run(evaluate_stage, recipe.evaluate,
+                                    {"teacher": refs["teacher"], "models": [refs["distilled"]], "data": refs["data"]})
     if until == "evaluate":
         return refs
 
-    spec = recipe.registry
-    name = spec.resolved_model_name(recipe.name)
-    common = dict(recipe_name=recipe.name, recipe_digest=json_digest(recipe), data_digest=refs["data"].digest,
-                  key_metrics=list(spec.key_metrics))
+    registry = recipe.registry
+    name = registry.resolved_model_name(recipe.name)
+    how = {"experiment": registry.resolved_experiment(recipe.name), "key_metrics": registry.key_metrics}
     # The teacher first, so the student's version can point at it (lineage by checkpoint digest).
-    refs["teacher_version"] = stages.register(refs["teacher"], f"{name}-teacher", **common)
-    gate = next(iter(refs["evaluation"].gates.values()), None)
-    refs["gate"] = gate
-    refs["student_version"] = stages.register(refs["distilled"], name, gate_passed=gate.passed if gate else None,
-                                              gate_metrics=student_metrics(refs["evaluation"]), **common)
+    refs["teacher_version"] = runner.run(register_stage, RegistrationSpec(model_name=f"{name}-teacher", **how),
+                                         {"model": refs["teacher"], "data": refs["data"]})
+    refs["student_version"] = runner.run(register_stage, RegistrationSpec(model_name=name, **how),
+                                         {"model": refs["distilled"], "data": refs["data"],
+                                          "evaluation": refs["evaluation"]})
     return refs
 
 
-def sdg_inputs(recipe: Recipe, stages) -> dict:
+def sdg_inputs(recipe: Recipe, runner) -> dict:
     """The checkpoints the recipe's sdg section names: ``teacher`` (pretrained by the recipe, or
     its start_from: from cache when done), ``models:/`` and ``s3://`` URIs, resolved to refs."""
     from sdg.spec import TEACHER
-    from sdg.stage import checkpoint_ref
 
     if recipe.sdg is None:
         raise ValueError(f"recipe {recipe.name} has no sdg section")
     inputs, teacher = {}, None
     for name, uri in recipe.sdg.checkpoints().items():
         if uri == TEACHER:
-            teacher = teacher or compose(recipe, "pretrain", stages)["teacher"]
+            teacher = teacher or compose(recipe, "pretrain", runner)["teacher"]
             inputs[name] = teacher
         elif uri.startswith(("models:/", "s3://")):
-            inputs[name] = checkpoint_ref(resolve_start_from(uri, stages.store))
+            inputs[name] = sdg_stage.checkpoint_ref(resolve_start_from(uri, runner.store))
     return inputs
 
 
-def student_metrics(evaluation) -> dict[str, float]:
-    return next((m for label, m in evaluation.metrics.items() if label != evaluation.teacher), {})
+# --------------------------------------------------------------------------------------
+# Runners
+# --------------------------------------------------------------------------------------
 
 
-class DirectStages:
-    """Each stage as a plain function call in this process (no orchestrator, no tracking)."""
-
-    def __init__(self, store, callbacks: tuple = ()):
-        self.store, self.callbacks = store, callbacks
-
-    def prepare_data(self, spec: DataStageSpec, recipe_name: str):
-        return run_prepare_data(spec.data, spec.tokenizer, self.store, recipe_name)
-
-    def pretrain(self, spec, inputs):
-        return run_pretrain(spec, inputs, self.store, callbacks=self.callbacks)
-
-    def importance(self, spec, inputs, recipe_name: str):
-        return run_importance(spec, inputs, self.store, recipe_name)
-
-    def search(self, spec, inputs):
-        return run_search(spec, inputs, self.store)
-
-    def prune(self, spec, inputs):
-        return run_prune(spec, inputs, self.store)
-
-    def distill(self, spec, inputs):
-        return run_distill(spec, inputs, self.store, callbacks=self.callbacks)
-
-    def evaluate(self, spec, inputs, recipe_name: str):
-        from model.evaluation.stage import run_evaluate
-
-        return run_evaluate(spec, inputs, self.store, name=recipe_name)
-
-    def sdg(self, spec, inputs, recipe_name: str):
-        from sdg.stage import run_sdg
-
-        return run_sdg(spec, inputs, self.store, recipe_name)
-
-    def register(self, ref, model_name: str, recipe_name: str, recipe_digest: str, data_digest: str,
-                 key_metrics: list[str], gate_passed: bool | None = None, gate_metrics: dict | None = None) -> str:
-        from registry import models, tracking
-
-        tracking.configure_tracking()
-        version = models.register_checkpoint(ref, self.store, model_name, experiment=recipe_name,
-                                             recipe_digest=recipe_digest, data_digest=data_digest,
-                                             key_metrics=tuple(key_metrics))
-        if gate_passed is not None:
-            models.set_gate_result(model_name, version.version, gate_passed, gate_metrics)
-        return version.uri
+def result_type(stage) -> type[Ref]:
+    """The ref class a stage's ``run`` returns (its return annotation)."""
+    return typing.get_type_hints(stage.run)["return"]
 
 
-def run(recipe: Recipe, store, until: str = "distill", callbacks: tuple = ()) -> dict:
+def cached_result(stage, spec, inputs: dict, store: ArtifactStore) -> Ref | None:
+    """The stage's stored ref for these spec and inputs when its artifact is whole; None otherwise
+    (or when the stage is never cached)."""
+    key = stage.key(spec, inputs)
+    return stored_ref(store, ref_key(stage.NAME, key), result_type(stage)) if key is not None else None
+
+
+class DirectRunner:
+    """Each stage as a plain call in this process (no orchestrator, no tracking); a stage whose
+    result is stored returns it without running (or importing what it would run)."""
+
+    def __init__(self, store: ArtifactStore, context: StageContext):
+        self.store, self.context = store, context
+
+    def run(self, stage, spec, inputs: dict):
+        hit = cached_result(stage, spec, inputs, self.store)
+        return hit if hit is not None else stage.run(spec, inputs, self.store, self.context)
+
+
+@dataclass
+class Pending:
+    """A result that does not exist yet: its stage would run, and so would every stage that takes it."""
+
+    stage: str
+
+
+@dataclass
+class PlanStep:
+    stage: str
+    cached: bool
+    reason: str
+    result: object  # the stored ref, or a Pending
+    cacheable: bool = True  # False: the stage runs every time (its key is None)
+    name: str = ""  # what compose calls the result (data, teacher, scores, ...)
+
+
+@dataclass
+class PlanRunner:
+    """Runs nothing: records for each stage whether its result is stored (and whole) or why it
+    would run, passing stored refs on so that later stages' keys can be computed."""
+
+    store: ArtifactStore
+    steps: list[PlanStep] = field(default_factory=list)
+
+    def run(self, stage, spec, inputs: dict):
+        pending = sorted({v.stage for v in _flatten(inputs.values()) if isinstance(v, Pending)})
+        if pending:
+            return self._record(stage, False, f"after {', '.join(pending)}")
+        key = stage.key(spec, inputs)
+        if key is None:
+            return self._record(stage, False, "every run (never cached: idempotent by itself)", cacheable=False)
+        stored = self.store.read_ref(ref_key(stage.NAME, key), result_type(stage))
+        if stored is None:
+            return self._record(stage, False, f"no stored result for key {key[:12]} (new spec, inputs or code)")
+        if not self.store.verify(stored.uri, stored.digest):
+            return self._record(stage, False, f"the stored artifact {stored.uri} is missing or changed")
+        return self._record(stage, True, f"{stored.uri}", stored)
+
+    def _record(self, stage, cached: bool, reason: str, result=None, cacheable: bool = True):
+        result = result if result is not None else Pending(stage.NAME)
+        self.steps.append(PlanStep(stage.NAME, cached, reason, result, cacheable))
+        return result
+
+    def name_steps(self, refs: dict) -> list[PlanStep]:
+        """The steps, each named by the key compose gave its result."""
+        names = {id(value): name for name, value in refs.items()}
+        for step in self.steps:
+            step.name = names.get(id(step.result), step.stage)
+        return self.steps
+
+
+def _flatten(values):
+    for value in values:
+        if isinstance(value, list | tuple):
+            yield from value
+        else:
+            yield value
+
+
+def plan(recipe: Recipe, store: ArtifactStore, until: str = "register") -> list[PlanStep]:
+    """Each stage of the recipe up to ``until``: cached (and where) or to run (and why)."""
+    runner = PlanRunner(store)
+    return runner.name_steps(compose(recipe, until, runner))
+
+
+def run(recipe: Recipe, store: ArtifactStore, until: str = "distill", context: StageContext | None = None) -> dict:
     """Every stage up to ``until``, called directly."""
-    return compose(recipe, until, DirectStages(store, callbacks))
+    return compose(recipe, until, DirectRunner(store, context or context_for(recipe)))

@@ -1,6 +1,6 @@
 """The recipe: one YAML file that names every knob of a factory run.
 
-Each package owns the sections it reads (``model/specs.py`` for data, tokenizer, model and
+Each package owns the sections it reads (``model/spec.py`` for data, tokenizer, model and
 train; later ``compression/`` for compress and distill, and so on); ``Recipe`` composes
 them. Loading validates everything before any compute: a bad recipe raises
 ``RecipeError`` listing every bad field by its dotted path.
@@ -14,34 +14,66 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compression.prune import COMPRESSIBLE_FAMILIES
-from compression.specs import CompressSpec, DistillSpec
-from model.architectures import format_parameters, get_family
-from model.evaluation.spec import EvaluateSpec
-from model.pretrain import PretrainSpec, build_model_config
-from model.specs import DataSpec, FieldErrors, ModelSpec, TokenizerSpec, TrainSpec
-from registry.specs import RegisterSpec
+from compression.spec import CompressSpec, DistillSpec
+from evaluation.spec import EvaluateSpec
+from model.architectures import build_model_config, format_parameters, get_family
+from model.pretrain_stage import PretrainSpec
+from model.spec import DataSpec, FieldErrors, ModelSpec, TokenizerSpec, TrainSpec
+from registry.spec import RegisterSpec
 from sdg.spec import SDGSpec
 
 
 class Recipe(BaseModel):
-    """A factory run. ``name`` labels every artifact the run produces."""
+    """A factory run: data, a teacher (pretrained, or ``start_from``), then optionally compression,
+    distillation, evaluation and registration, and synthetic data. ``name`` labels every artifact
+    the run produces."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)
-    description: str = ""
-    data: DataSpec = DataSpec()
-    tokenizer: TokenizerSpec = TokenizerSpec()
-    model: ModelSpec = ModelSpec()
-    train: TrainSpec = TrainSpec()
-    # A teacher to compress instead of pretraining one: a checkpoint folder, models:/NAME@ALIAS
-    # or hf:ORG/NAME (the model section then only describes it).
-    start_from: str | None = None
-    compress: CompressSpec | None = None
-    distill: DistillSpec | None = None
-    evaluate: EvaluateSpec = EvaluateSpec()
-    registry: RegisterSpec = RegisterSpec()
-    sdg: SDGSpec | None = None  # synthetic data generation (factory sdg), sdg/spec.py
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64,
+        description="Required: labels every artifact of the run, and is the default registered model name and "
+                    "MLflow experiment. Up to 64 letters, digits, '.', '_' or '-', starting with a letter or digit.",
+    )
+    description: str = Field(
+        "",
+        description="Free text for people reading the recipe; logged with the recipe, no stage reads it.",
+    )
+    data: DataSpec = Field(DataSpec(), description="The training text and how it is cut into sequences.")
+    tokenizer: TokenizerSpec = Field(
+        TokenizerSpec(),
+        description="A BPE trained on the data, or a given tokenizer; not used with `start_from`, which brings "
+                    "the teacher's.",
+    )
+    model: ModelSpec = Field(
+        ModelSpec(),
+        description="The teacher's architecture, pretrained from scratch; with `start_from` it only describes "
+                    "that checkpoint.",
+    )
+    train: TrainSpec = Field(TrainSpec(), description="The pretraining loop; not used with `start_from`.")
+    start_from: str | None = Field(
+        None,
+        description="A teacher to compress instead of pretraining one: a checkpoint folder, `models:/NAME@ALIAS` "
+                    "or `hf:ORG/NAME`; its tokenizer replaces the tokenizer section. Null pretrains the teacher.",
+    )
+    compress: CompressSpec | None = Field(
+        None,
+        description="Importance scoring, then pruning to a fixed target or the result of a search; null: the "
+                    "recipe can only pretrain.",
+    )
+    distill: DistillSpec | None = Field(
+        None, description="Distillation of the pruned student from the teacher; needs `compress`.",
+    )
+    evaluate: EvaluateSpec = Field(
+        EvaluateSpec(),
+        description="What is measured on the teacher and the distilled student, and the gate the student must pass.",
+    )
+    registry: RegisterSpec = Field(
+        RegisterSpec(), description="How the run's models are named and tracked in MLflow.",
+    )
+    sdg: SDGSpec | None = Field(
+        None, description="Synthetic data generation (`factory sdg`, sdg/spec.py); null: none.",
+    )
 
     @field_validator("start_from")
     @classmethod
@@ -62,7 +94,7 @@ class Recipe(BaseModel):
         return self
 
     def pretrain_spec(self) -> PretrainSpec:
-        return PretrainSpec(name=self.name, model=self.model, train=self.train)
+        return PretrainSpec(model=self.model, train=self.train)
 
 
 class RecipeError(ValueError):
@@ -181,4 +213,41 @@ def summary(recipe: Recipe) -> str:
                      f"{d.steps * d.batch_size * recipe.data.seq_len:,} tokens, T={recipe.distill.temperature}")
     if recipe.sdg is not None:
         lines.append(f"  sdg  {recipe.sdg.describe()}")
+    return "\n".join(lines)
+
+
+def explain(recipe: BaseModel) -> str:
+    """What ``factory validate --explain`` prints: every field of the recipe by its dotted path,
+    its value (and its default where the recipe changes it), and its description: the same
+    text the Prefect UI's form shows (``Field(description=...)``)."""
+    import json
+    import textwrap
+
+    from pydantic_core import PydanticUndefined, to_jsonable_python
+
+    def shown(value) -> str:
+        return json.dumps(to_jsonable_python(value))
+
+    lines: list[str] = []
+
+    def describe(text: str | None, indent: str) -> None:
+        if text:
+            lines.extend(textwrap.wrap(" ".join(text.split()), 100, initial_indent=indent + "    ",
+                                       subsequent_indent=indent + "    "))
+
+    def walk(section: BaseModel, prefix: str, depth: int) -> None:
+        indent = "  " * depth
+        for name, info in type(section).model_fields.items():
+            value, path = getattr(section, name), f"{prefix}{name}"
+            if isinstance(value, BaseModel):
+                lines.append(f"{indent}{path}:")
+                describe(info.description or (type(value).__doc__ or "").strip().split("\n\n")[0], indent)
+                walk(value, f"{path}.", depth + 1)
+                continue
+            default = info.get_default(call_default_factory=True)
+            changed = default is not PydanticUndefined and shown(default) != shown(value)
+            lines.append(f"{indent}{path} = {shown(value)}" + (f"   (default {shown(default)})" if changed else ""))
+            describe(info.description, indent)
+
+    walk(recipe, "", 0)
     return "\n".join(lines)

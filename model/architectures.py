@@ -59,6 +59,35 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
+def build_model_config(spec, tokenizer):
+    """The recipe's architecture (a ``ModelSpec``) with the tokenizer's vocabulary and special tokens."""
+    from model.tokenizer import special_token_ids
+
+    overrides = dict(spec.overrides) | {"vocab_size": len(tokenizer)}
+    return get_family(spec.family).build_config(spec.preset, overrides, **special_token_ids(tokenizer))
+
+
+def summarize_folder(folder) -> dict:
+    """The ``ArchSummary`` fields of a checkpoint folder, from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    return get_family(config.model_type).summarize(config)
+
+
+def external_model_ref(folder):
+    """A ModelRef for a checkpoint folder the factory did not produce: its URI is the folder
+    itself, its digest that of its files (a recipe's ``start_from``, ``factory prune MODEL_DIR``)."""
+    from pathlib import Path
+
+    from model.contract import EXTERNAL, ArchSummary, Lineage, ModelRef
+    from model.digests import folder_digest
+
+    folder = Path(folder).resolve()
+    return ModelRef(uri=str(folder), digest=folder_digest(folder), architecture=ArchSummary(**summarize_folder(folder)),
+                    lineage=Lineage(stage=EXTERNAL, spec_digest="", code_digest=""))
+
+
 def format_parameters(count: int) -> str:
     """6260000 -> '6.26M'."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):

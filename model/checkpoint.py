@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from model.contract import file_digest
+from model.digests import file_digest
 from model.fsutil import atomic_write_text, fsync_dir
 
 MODEL_FILE = "model.safetensors"

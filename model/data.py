@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.contract import combine_digests, file_digest, json_digest
-from model.specs import DOCUMENT_SUFFIXES, DataSpec
+from model.digests import combine_digests, file_digest, json_digest
+from model.spec import DOCUMENT_SUFFIXES, DataSpec
 
 TABLE_SUFFIXES = {".jsonl", ".parquet"}
 TEXT_SUFFIXES = DOCUMENT_SUFFIXES - TABLE_SUFFIXES

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from model.device import DevicePolicy
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -30,17 +32,9 @@ class Dist:
         return self.world_size > 1
 
 
-def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(requested)
-
-
 def setup(requested_device: str = "auto") -> Dist:
     """Join the process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
-    device = pick_device(requested_device)
+    device = DevicePolicy().resolve(requested_device, "train.device")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Dist(device=device)

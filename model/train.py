@@ -20,6 +20,7 @@ sharded (FSDP, ``train.parallelism``).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 import time
@@ -35,12 +36,14 @@ from tqdm.auto import tqdm
 
 from model import distributed
 from model.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from model.contract import StepCallback
 from model.data import PackedTokens
-from model.specs import TrainSpec
+from model.fsutil import atomic_write_text
+from model.spec import TrainSpec
 
 # (model, input_ids (B, L), target_mask (B, L-1)) -> sum of per-token losses over the targets
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-StepCallback = Callable[[dict], None]
+HISTORY_FILE = "training_history.json"  # in a trained checkpoint folder: final metrics and every step's record
 
 
 class TrainingDiverged(RuntimeError):
@@ -257,3 +260,18 @@ def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir:
     return {"model": trained, "steps": state["step"], "tokens_seen": state["tokens_seen"],
             "final_loss": history[-1]["loss"] if history else float("nan"),
             "val_loss": val[-1] if val else float("nan"), "history": history}
+
+
+def save_trained(result: dict, out: Path, tokenizer) -> None:
+    """``train``'s result as a checkpoint folder: weights and config (``save_pretrained``), the
+    tokenizer, and ``training_history.json`` (the final metrics and every step's record)."""
+    result["model"].save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    metrics = {k: result[k] for k in ("steps", "tokens_seen", "final_loss", "val_loss")}
+    atomic_write_text(Path(out) / HISTORY_FILE, json.dumps({"metrics": metrics, "history": result["history"]}))
+
+
+def read_history(folder: Path) -> dict:
+    """A checkpoint folder's ``training_history.json`` (``{"metrics", "history"}``); empty when it has none."""
+    path = Path(folder) / HISTORY_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"metrics": {}, "history": []}

@@ -31,10 +31,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from model.contract import MANIFEST_NAME, ModelRef, combine_digests, folder_files
+from model.contract import ModelRef
+from model.digests import MANIFEST_NAME, combine_digests, folder_files
 from model.fsutil import atomic_write_text
 from registry.secrets import scrub_text
-from registry.store import S3Store, build_manifest, local_copy_is_whole, parse_s3_uri, work_root
 from registry.tracking import (
     client,
     configure_tracking,
@@ -43,6 +43,9 @@ from registry.tracking import (
     git_commit,
     metric_name,
 )
+from store import work_root
+from store.manifest import build_manifest, local_copy_is_whole
+from store.s3 import S3Store, parse_s3_uri
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 DIGEST_TAG = "checkpoint_digest"

@@ -34,9 +34,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from model.contract import DataRef, ModelRef, json_digest
+from model.contract import DataRef, ModelRef
+from model.digests import json_digest
 from registry.secrets import install_log_scrubber, scrub, scrub_text, uri_has_credentials
-from registry.store import artifact_root, work_root
+from store import artifact_root, work_root
 
 REPO = Path(__file__).resolve().parents[1]
 _logger = logging.getLogger(__name__)
@@ -340,3 +341,21 @@ def log_files(run_id: str, paths: Iterable[str | Path], artifact_path: str | Non
             c.log_artifacts(run_id, str(path), artifact_path)
         else:
             c.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_stage_result(run_id: str, stage: str, ref, summary, recipe_digest: str = "") -> None:
+    """What a finished stage leaves in its run: data as a run input, a checkpoint's digest, tags
+    and metrics, SDG datasets with their lineage, and the stage summary's metrics and files
+    (``model/contract.py: Summary``, the files under ``<stage>/``)."""
+    if isinstance(ref, DataRef):
+        log_data_ref(run_id, ref)
+    elif isinstance(ref, ModelRef):
+        log_model_ref(run_id, ref)
+    elif getattr(ref, "kind", None) == "sdg_dataset":
+        from registry.sdg_tracking import log_sdg_output
+
+        log_sdg_output(run_id, ref, recipe_digest=recipe_digest)
+    if summary.metrics:
+        log_metrics(run_id, summary.metrics)
+    if summary.files:
+        log_files(run_id, summary.files, stage)

@@ -23,7 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.contract import folder_digest
+from model.device import DevicePolicy
+from model.digests import folder_digest
 from sdg.shards import record_key
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,6 @@ def checkpoint_identity(folder: Path) -> str:
     return "checkpoint:" + folder_digest(Path(folder))
 
 
-def pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 # --------------------------------------------------------------------------------------
 # In-process
 # --------------------------------------------------------------------------------------
@@ -94,7 +87,7 @@ class LocalGenerator:
         self.folder = Path(folder)
         self.identity = checkpoint_identity(self.folder)
         self.batch_size = batch_size
-        self.device = pick_device(device)
+        self.device = DevicePolicy().choose(device, "sdg.generator.device")
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         self.tokenizer.padding_side = "left"  # new tokens follow every prompt directly
         if self.tokenizer.pad_token_id is None:
@@ -284,8 +277,9 @@ class EndpointGenerator:
         self.http.close()
 
 
-def open_generator(spec, folder: Path | None = None, seed: int = 0):
-    """The backend a GeneratorSpec describes; ``folder`` is its resolved checkpoint."""
+def open_generator(spec, folder: Path | None = None, seed: int = 0, device: str | None = None):
+    """The backend a GeneratorSpec describes; ``folder`` is its resolved checkpoint, ``device``
+    (``cpu`` or ``cuda``) where a local model runs (default: the spec's own choice)."""
     if spec.endpoint is not None:
         return EndpointGenerator(spec.endpoint, spec.endpoint_model, api_key_env=spec.api_key_env,
                                  max_concurrency=spec.max_concurrency, timeout_s=spec.timeout_s,
@@ -293,4 +287,4 @@ def open_generator(spec, folder: Path | None = None, seed: int = 0):
                                  max_backoff_s=spec.max_backoff_s, seed=seed)
     if folder is None:
         raise ValueError(f"generator model {spec.model!r} was not resolved to a checkpoint folder")
-    return LocalGenerator(folder, batch_size=spec.batch_size, device=spec.device, seed=seed)
+    return LocalGenerator(folder, batch_size=spec.batch_size, device=device or spec.device, seed=seed)

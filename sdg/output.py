@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model.contract import file_digest
+from model.digests import file_digest
 from model.fsutil import atomic_write_text
 
 FORMATS = ("jsonl", "parquet")

@@ -91,12 +91,13 @@ class RewardModel:
         )
 
         import model.architectures  # noqa: F401  registers the factory's own families with the Auto classes
-        from sdg.backends import checkpoint_identity, pick_device
+        from model.device import DevicePolicy
+        from sdg.backends import checkpoint_identity
 
         self.folder = Path(folder)
         self.identity = checkpoint_identity(self.folder)
         self.batch_size, self.max_tokens = batch_size, max_tokens
-        self.device = pick_device(device)
+        self.device = DevicePolicy().choose(device, "sdg.generator.device")
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         self.tokenizer.padding_side = "right"  # causal: the last real token never sees the padding
         if self.tokenizer.pad_token_id is None:

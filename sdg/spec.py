@@ -28,7 +28,7 @@ from typing import Literal
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from model.specs import DataSpec, FieldErrors, Section, field_error
+from model.spec import DataSpec, FieldErrors, Section, field_error
 
 # Nemotron-4-340B-Reward's recommended combination of its five HelpSteer2 attributes
 # (model card: weights [0, 0, 0, 0, 0.3, 0.74, 0.46, 0.47, -0.33] over its 9 outputs,
@@ -50,20 +50,56 @@ class GeneratorSpec(Section):
     key, if any, is read from the environment variable ``api_key_env`` and never stored.
     """
 
-    model: str | None = None
-    endpoint: str | None = None
-    endpoint_model: str = ""  # the request's "model" field; default: the first of GET /models
-    api_key_env: str = "OPENAI_API_KEY"
-    batch_size: PositiveInt = 8  # in-process: prompts per generate() call
-    max_concurrency: PositiveInt = 8  # endpoint: requests in flight, independent of batch_size
-    timeout_s: PositiveFloat = 120.0  # endpoint: per request
-    max_retries: NonNegativeInt = 6  # endpoint: on 429, 5xx, timeouts and dropped connections
-    backoff_s: PositiveFloat = 1.0  # first retry delay; doubles each time (with jitter), Retry-After wins
-    max_backoff_s: PositiveFloat = 60.0
-    temperature: float = Field(0.2, ge=0)  # 0 = greedy
-    top_p: float = Field(0.7, gt=0, le=1)
-    max_new_tokens: PositiveInt = 512
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: str | None = Field(
+        None,
+        description="A checkpoint run in this process: a folder, `s3://...`, `models:/NAME@ALIAS` or `teacher` "
+                    "(the recipe's teacher: pretrained by the recipe, or its start_from). Set this or `endpoint`.",
+    )
+    endpoint: str | None = Field(
+        None,
+        description="Base URL of an OpenAI-compatible server, e.g. `http://127.0.0.1:8000/v1` (vLLM, NIM, "
+                    "`transformers serve`); requests go to its `/chat/completions`. Set this or `model`.",
+    )
+    endpoint_model: str = Field(
+        "",
+        description="Endpoint only: the requests' `model` field; empty uses the first model `GET /models` lists.",
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY",
+        description="Endpoint only: the environment variable whose value, when set, is sent as the Bearer API "
+                    "key; the key itself is never stored.",
+    )
+    batch_size: PositiveInt = Field(8, description="In-process model only: prompts per generate() call.")
+    max_concurrency: PositiveInt = Field(
+        8, description="Endpoint only: requests in flight at once, independent of `batch_size`.",
+    )
+    timeout_s: PositiveFloat = Field(
+        120.0, description="Endpoint only: seconds allowed per request (at most 10 of them to connect).",
+    )
+    max_retries: NonNegativeInt = Field(
+        6,
+        description="Endpoint only: retries of a request after a timeout, a dropped connection or HTTP 408, 409, "
+                    "425, 429, 500, 502, 503 or 504; any other error fails at once.",
+    )
+    backoff_s: PositiveFloat = Field(
+        1.0,
+        description="Endpoint only: the first retry waits about this many seconds and each later one twice as "
+                    "long, with jitter; a server's Retry-After wins.",
+    )
+    max_backoff_s: PositiveFloat = Field(
+        60.0, description="Endpoint only: the longest wait before a retry, in seconds, Retry-After included.",
+    )
+    temperature: float = Field(0.2, ge=0, description="Sampling temperature of every request; 0 = greedy.")
+    top_p: float = Field(
+        0.7, gt=0, le=1,
+        description="Nucleus sampling: tokens are drawn from the smallest set whose probabilities reach top_p.",
+    )
+    max_new_tokens: PositiveInt = Field(512, description="Most tokens generated per request.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where an in-process model runs: `auto` (CUDA when torch sees a GPU, else the CPU), `cpu` or "
+                    "`cuda`. The reward model runs on `sdg.generator.device` too, even with an endpoint generator.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -85,11 +121,26 @@ def _read_lines(path: str) -> list[str]:
 class OpenQASpec(Section):
     """Topics -> subtopics -> open questions -> revised (more detailed) questions."""
 
-    topics: list[str] = Field(default_factory=list)  # seed macro topics (the paper mixes in manual ones)
-    generate_topics: NonNegativeInt = 0  # macro topics to ask the generator for, in addition
-    subtopics_per_topic: NonNegativeInt = 3
-    questions_per_topic: PositiveInt = 2
-    revise: bool = True
+    topics: list[str] = Field(
+        default_factory=list,
+        description="Seed macro topics (the paper mixes generated topics with manual ones).",
+    )
+    generate_topics: NonNegativeInt = Field(
+        0,
+        description="Macro topics to ask the generator for, in addition to `topics`; give seed topics, this, or "
+                    "both.",
+    )
+    subtopics_per_topic: NonNegativeInt = Field(
+        3, description="Subtopics asked for per macro topic and added to the topics; 0 asks for none.",
+    )
+    questions_per_topic: PositiveInt = Field(
+        2, description="Questions asked for per topic, macro topics and subtopics alike.",
+    )
+    revise: bool = Field(
+        True,
+        description="Ask the generator to revise each question to add context, constraints or a required answer "
+                    "format.",
+    )
 
     @model_validator(mode="after")
     def _some_topic(self):
@@ -101,19 +152,35 @@ class OpenQASpec(Section):
 class WritingSpec(Section):
     """"Write a <kind> about <topic>" tasks, then revised to add detail."""
 
-    topics: list[str] = Field(default_factory=list)  # default: the open_qa topics after dedup
-    kinds: list[str] = Field(default_factory=lambda: ["essay", "poem", "newsletter", "short story"], min_length=1)
-    tasks_per_topic: PositiveInt = 1  # per (topic, kind)
-    revise: bool = True
+    topics: list[str] = Field(
+        default_factory=list,
+        description="Topics of the writing tasks; empty uses the open_qa topics after dedup (then open_qa is "
+                    "needed).",
+    )
+    kinds: list[str] = Field(
+        default_factory=lambda: ["essay", "poem", "newsletter", "short story"], min_length=1,
+        description="Forms of writing to ask for; every topic gets tasks of every kind.",
+    )
+    tasks_per_topic: PositiveInt = Field(1, description="Tasks asked for per (topic, kind) pair.")
+    revise: bool = Field(
+        True, description="Ask the generator to revise each task to add more detailed requirements.",
+    )
 
 
 class ClosedQASpec(Section):
     """Instructions about documents from any factory data source, joined to the document."""
 
-    data: DataSpec
-    max_documents: PositiveInt = 50
-    max_chars: PositiveInt = 2000  # documents are cut to this many characters
-    instructions_per_document: PositiveInt = 2
+    data: DataSpec = Field(
+        description="Required: where the documents come from, written like the recipe's `data` section; "
+                    "`source`, `text_field` and `max_documents` apply here.",
+    )
+    max_documents: PositiveInt = Field(50, description="Documents used: the first N non-empty ones of the source.")
+    max_chars: PositiveInt = Field(2000, description="Each document is cut to this many characters.")
+    instructions_per_document: PositiveInt = Field(
+        2,
+        description="Instructions (questions or tasks) asked for per document; each becomes a prompt joined to "
+                    "its document.",
+    )
 
 
 class ProblemSpec(Section):
@@ -124,10 +191,19 @@ class ProblemSpec(Section):
     each response's code in the sandbox).
     """
 
-    keywords: list[str] = Field(default_factory=list)
-    keywords_file: str | None = None  # one keyword per line
-    problems_per_keyword: PositiveInt = 1
-    problems_file: str | None = None
+    keywords: list[str] = Field(
+        default_factory=list, description="Keywords to ask for problems about, e.g. `fractions`.",
+    )
+    keywords_file: str | None = Field(
+        None, description="A text file of keywords, one per line, added to `keywords`; null: none.",
+    )
+    problems_per_keyword: PositiveInt = Field(1, description="Problems asked for per keyword.")
+    problems_file: str | None = Field(
+        None,
+        description="A JSONL file of given problems, one per line: `question`, plus for math an `answer` (compared "
+                    "with each response's final answer) or for code `tests` (Python asserts run after the "
+                    "response's code in the sandbox); null: none.",
+    )
 
     @field_validator("keywords_file", "problems_file")
     @classmethod
@@ -173,20 +249,38 @@ CONSTRAINT_KINDS = ("min_words", "max_words", "paragraphs", "keywords", "no_comm
 class InstructionFollowingSpec(Section):
     """Prompts from the other pipelines with verifiable constraints appended (IFEval-style)."""
 
-    prompts: PositiveInt = 20
-    constraints: list[Literal[CONSTRAINT_KINDS]] = Field(default_factory=lambda: list(CONSTRAINT_KINDS), min_length=1)
-    constraints_per_prompt: PositiveInt = 1
+    prompts: PositiveInt = Field(
+        20,
+        description="Prompts to make, each from a different open_qa, writing or closed_qa prompt (any prompt when "
+                    "there are none); fewer when there are fewer to draw from.",
+    )
+    constraints: list[Literal[CONSTRAINT_KINDS]] = Field(
+        default_factory=lambda: list(CONSTRAINT_KINDS), min_length=1,
+        description="Constraint kinds to draw from (by default all of them).",
+    )
+    constraints_per_prompt: PositiveInt = Field(
+        1,
+        description="Different constraints appended to each prompt (at most the number of `constraints`).",
+    )
 
 
 class TwoTurnSpec(Section):
     """User / Assistant / User prompts: a first turn from the other pipelines, the assistant's
     reply and the user's follow-up written by the generator."""
 
-    prompts: PositiveInt = 10
+    prompts: PositiveInt = Field(
+        10,
+        description="Two-turn prompts to make, each from a different open_qa, writing or closed_qa prompt (any "
+                    "prompt when there are none); fewer when there are fewer to draw from.",
+    )
 
 
 class ResponsesSpec(Section):
-    per_prompt: PositiveInt = 2  # several responses per prompt: preference pairs need two
+    """How many responses the generator writes for every prompt."""
+
+    per_prompt: PositiveInt = Field(
+        2, description="Responses sampled per prompt; a preference pair needs at least two.",
+    )
 
 
 class ScorerSpec(Section):
@@ -198,13 +292,38 @@ class ScorerSpec(Section):
     in both orders; a pair is kept only when both orders agree.
     """
 
-    reward_model: str | None = None  # a folder, s3://... or models:/NAME@ALIAS
-    weights: dict[str, float] = Field(default_factory=lambda: dict(NEMOTRON_REWARD_WEIGHTS))
-    batch_size: PositiveInt = 8
-    max_tokens: PositiveInt = 4096  # reward-model context (Nemotron-4-340B-Reward: 4,096)
-    judge: GeneratorSpec | None = None
-    rank_by: Literal["auto", "reward_model", "judge"] = "auto"  # auto: the reward model when there is one
-    min_margin: float = Field(0.0, ge=0)  # reward-model pairs: chosen - rejected score at least this
+    reward_model: str | None = Field(
+        None,
+        description="A reward-model checkpoint (a causal LM plus a reward head, or a *ForSequenceClassification "
+                    "model; see sdg/scorers.py): a folder, `s3://...` or `models:/NAME@ALIAS`; null: none. It runs "
+                    "on `sdg.generator.device`.",
+    )
+    weights: dict[str, float] = Field(
+        default_factory=lambda: dict(NEMOTRON_REWARD_WEIGHTS),
+        description="Weight per reward-model attribute, summed into one score; every name must be an attribute of "
+                    "the reward model.",
+    )
+    batch_size: PositiveInt = Field(8, description="Conversations per reward-model forward pass.")
+    max_tokens: PositiveInt = Field(
+        4096,
+        description="Reward-model context in tokens; a longer conversation keeps its end (Nemotron-4-340B-Reward: "
+                    "4,096).",
+    )
+    judge: GeneratorSpec | None = Field(
+        None,
+        description="A generator asked which of two responses is better, in both orders (when it names the same "
+                    "checkpoint as the generator, the loaded one is reused); null: no judge.",
+    )
+    rank_by: Literal["auto", "reward_model", "judge"] = Field(
+        "auto",
+        description="What ranks the pairs that ground truth and verifiers leave open: `reward_model`, `judge`, or "
+                    "`auto` (the reward model when there is one, else the judge, else nothing).",
+    )
+    min_margin: float = Field(
+        0.0, ge=0,
+        description="Reward-model pairs: the chosen response's score must exceed the rejected one's by at least "
+                    "this (and by more than 0).",
+    )
 
     @field_validator("reward_model")
     @classmethod
@@ -231,51 +350,113 @@ class ScorerSpec(Section):
 
 class FilterSpec(Section):
     """Thresholds applied to stored scores when the output is written: changing them
-    re-writes the datasets without generating or scoring anything again."""
+    re-writes the datasets without generating or scoring anything again. They decide which
+    responses the SFT dataset keeps (preference pairs use ``scorer.min_margin``)."""
 
-    min_score: float | None = None  # the weighted reward score
-    min_attributes: dict[str, float] = Field(default_factory=dict)  # e.g. {correctness: 2.0}
-    max_attributes: dict[str, float] = Field(default_factory=dict)  # e.g. {verbosity: 3.5}
-    require_verified: bool = True  # SFT keeps no response that fails its ground truth or verifier
+    min_score: float | None = Field(
+        None,
+        description="Lowest weighted reward score an SFT response may have; null: no minimum. Needs "
+                    "`scorer.reward_model`.",
+    )
+    min_attributes: dict[str, float] = Field(
+        default_factory=dict,
+        description="Lowest score per reward-model attribute, e.g. `{correctness: 2.0}`; a response without the "
+                    "attribute is dropped. Needs `scorer.reward_model`.",
+    )
+    max_attributes: dict[str, float] = Field(
+        default_factory=dict,
+        description="Highest score per reward-model attribute, e.g. `{verbosity: 3.5}`; a response without the "
+                    "attribute is dropped. Needs `scorer.reward_model`.",
+    )
+    require_verified: bool = Field(
+        True,
+        description="SFT keeps no response that fails its ground truth or verifier (responses with nothing to "
+                    "check are kept).",
+    )
 
 
 class DedupSpec(Section):
     """Exact (normalized text) and MinHash near-duplicate removal, on topics and prompts
     before responses are generated and on responses after."""
 
-    enabled: bool = True
-    near_threshold: float = Field(0.8, gt=0, le=1)  # estimated Jaccard similarity of character shingles
-    num_perm: PositiveInt = 128
-    shingle_size: PositiveInt = 5  # characters
+    enabled: bool = Field(True, description="Remove duplicates; false keeps every text.")
+    near_threshold: float = Field(
+        0.8, gt=0, le=1,
+        description="Two texts are near duplicates when the estimated Jaccard similarity of their character "
+                    "shingles reaches this; the first of a group is kept.",
+    )
+    num_perm: PositiveInt = Field(
+        128, description="MinHash functions per signature: more estimate the similarity more precisely, at more cost.",
+    )
+    shingle_size: PositiveInt = Field(
+        5, description="Characters per shingle, taken after normalizing case, whitespace and punctuation.",
+    )
 
 
 class VerifySpec(Section):
     """The code sandbox: a subprocess with CPU time, wall time, memory and file-size limits
     and no network (an audit hook, plus a network namespace when ``unshare`` works)."""
 
-    code_timeout_s: PositiveFloat = 5.0
-    code_memory_mb: PositiveInt = 512
-    network_namespace: Literal["auto", "on", "off"] = "auto"  # auto: when `unshare -rn` works here
+    code_timeout_s: PositiveFloat = Field(
+        5.0,
+        description="Wall-clock limit, in seconds, for a response's code and its tests (the CPU-time limit is the "
+                    "same, rounded up).",
+    )
+    code_memory_mb: PositiveInt = Field(512, description="Address-space limit of the sandboxed process, in MiB.")
+    network_namespace: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="`auto`: run in a network namespace of its own when `unshare -rn` works here; `on`: require "
+                    "it (an error where it does not work); `off`: rely on the audit hook alone.",
+    )
 
 
 class SDGSpec(Section):
     """A synthetic-data run: generator, prompt pipelines, responses, scoring, filters."""
 
-    generator: GeneratorSpec
-    open_qa: OpenQASpec | None = None
-    writing: WritingSpec | None = None
-    closed_qa: ClosedQASpec | None = None
-    math: ProblemSpec | None = None
-    code: ProblemSpec | None = None
-    instruction_following: InstructionFollowingSpec | None = None
-    two_turn: TwoTurnSpec | None = None
-    responses: ResponsesSpec = ResponsesSpec()
-    scorer: ScorerSpec = ScorerSpec()
-    filter: FilterSpec = FilterSpec()
-    dedup: DedupSpec = DedupSpec()
-    verify: VerifySpec = VerifySpec()
-    formats: list[Literal["jsonl", "parquet"]] = Field(default_factory=lambda: ["jsonl", "parquet"], min_length=1)
-    seed: int = 0
+    generator: GeneratorSpec = Field(
+        description="Required: the model that writes the prompts, the responses and the two-turn follow-ups.",
+    )
+    open_qa: OpenQASpec | None = Field(
+        None,
+        description="Open Q&A prompts from topics; null: off. At least one of open_qa, writing, closed_qa, math "
+                    "and code must be on.",
+    )
+    writing: WritingSpec | None = Field(None, description="Writing tasks about topics; null: off.")
+    closed_qa: ClosedQASpec | None = Field(None, description="Instructions about documents; null: off.")
+    math: ProblemSpec | None = Field(
+        None,
+        description="Math problems from keywords and given problems (an `answer` is compared with each response's "
+                    "final answer); null: off.",
+    )
+    code: ProblemSpec | None = Field(
+        None,
+        description="Python problems from keywords and given problems (each response's code runs in the sandbox, "
+                    "with the problem's `tests` when it has them); null: off.",
+    )
+    instruction_following: InstructionFollowingSpec | None = Field(
+        None, description="Prompts from the other pipelines with verifiable constraints appended; null: off.",
+    )
+    two_turn: TwoTurnSpec | None = Field(
+        None, description="User / Assistant / User prompts built from the other pipelines' prompts; null: off.",
+    )
+    responses: ResponsesSpec = Field(ResponsesSpec(), description="How many responses every prompt gets.")
+    scorer: ScorerSpec = Field(
+        ScorerSpec(), description="The reward model and the judge, and how they rank preference pairs.",
+    )
+    filter: FilterSpec = Field(FilterSpec(), description="Which responses the SFT dataset keeps.")
+    dedup: DedupSpec = Field(
+        DedupSpec(), description="Exact and near-duplicate removal of topics, prompts and responses.",
+    )
+    verify: VerifySpec = Field(VerifySpec(), description="The sandbox that runs the code of responses.")
+    formats: list[Literal["jsonl", "parquet"]] = Field(
+        default_factory=lambda: ["jsonl", "parquet"], min_length=1,
+        description="File formats written for the SFT and preference datasets.",
+    )
+    seed: int = Field(
+        0,
+        description="Seeds in-process sampling, MinHash, the choice of base prompts for instruction_following and "
+                    "two_turn, and the endpoint's retry jitter.",
+    )
 
     @model_validator(mode="after")
     def _pipelines(self):

@@ -41,13 +41,20 @@ def corpus_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def micro_data(corpus_dir, tmp_path_factory):
     """``corpus_dir`` as 64-token rows with a 512-token BPE (a DataRef), prepared once per session."""
-    from model.pretrain import run_prepare_data
-    from model.specs import DataSpec, TokenizerSpec
-    from registry.store import LocalStore
+    from model.spec import DataSpec, TokenizerSpec
+    from store.local import LocalStore
 
     store = LocalStore(tmp_path_factory.mktemp("micro-data"))
-    spec = DataSpec(source=str(corpus_dir), seq_len=64, validation_fraction=0.1)
-    return run_prepare_data(spec, TokenizerSpec(vocab_size=512), store)
+    return prepare_data(DataSpec(source=str(corpus_dir), seq_len=64, validation_fraction=0.1),
+                        TokenizerSpec(vocab_size=512), store)
+
+
+def prepare_data(data, tokenizer, store, recipe_name: str = "micro"):
+    """The data stage on a data and a tokenizer section (a DataRef)."""
+    from model import data_stage
+    from model.contract import StageContext
+
+    return data_stage.run(data_stage.DataStageSpec(data=data, tokenizer=tokenizer), {}, store, StageContext(recipe_name))
 
 
 def recipe_dict(corpus: Path, **sections) -> dict:

@@ -12,11 +12,13 @@ from transformers import NemotronHForCausalLM
 from compression.distill import check_compatible, kd_per_token, make_kd_loss
 from compression.importance import random_scores
 from compression.search import enumerate_candidates, search
-from compression.specs import Budget, DistillSpec, SearchSpace, SearchSpec
+from compression.spec import Budget, DistillSpec, SearchSpace, SearchSpec
 from model.cost import inference_memory, kv_cache_bytes, mamba_state_bytes
 from model.data import PackedTokens
 from model.nemotron_h import PRESETS, build_config, parameters_by_kind, parameters_by_kind_built
-from model.specs import TrainSpec
+from model.spec import TrainSpec
+
+from .conftest import prepare_data
 
 
 def _logits(seed, shape=(2, 5, 11)):
@@ -92,7 +94,7 @@ def test_parameter_count_matches_the_built_model():
 
 def _measured_cache(config, context: int, batch: int) -> dict[str, int]:
     """Bytes by kind of the cache transformers allocates for ``context`` tokens in generate()."""
-    from model.evaluation.efficiency import measured_cache_bytes
+    from model.efficiency import measured_cache_bytes
 
     torch.manual_seed(0)
     model = NemotronHForCausalLM(config).eval()
@@ -124,13 +126,12 @@ def test_cost_model_matches_the_cache_transformers_allocates(pattern, context):
 
 @pytest.fixture(scope="module")
 def search_setup(tmp_path_factory, corpus_dir):
-    from model.pretrain import run_prepare_data
-    from model.specs import DataSpec, TokenizerSpec
-    from registry.store import LocalStore
+    from model.spec import DataSpec, TokenizerSpec
+    from store.local import LocalStore
 
     store = LocalStore(tmp_path_factory.mktemp("search-store"))
-    data = run_prepare_data(DataSpec(source=str(corpus_dir), seq_len=32, validation_fraction=0.1),
-                            TokenizerSpec(vocab_size=512), store)
+    data = prepare_data(DataSpec(source=str(corpus_dir), seq_len=32, validation_fraction=0.1),
+                        TokenizerSpec(vocab_size=512), store)
     torch.manual_seed(0)
     teacher = NemotronHForCausalLM(build_config("micro", {"pattern": "M-*M-M-*-"})).eval()
     return teacher, random_scores(teacher.config, 0), PackedTokens(data.uri, "train"), PackedTokens(data.uri, "validation")

@@ -6,12 +6,15 @@ import json
 
 import pytest
 
-import model.pretrain
+import model.data
+import model.tokenizer
 from model.data import PackedTokens, is_validation, iter_documents, open_source
-from model.specs import DataSpec, TokenizerSpec
+from model.spec import DataSpec, TokenizerSpec
 from model.tokenizer import load_tokenizer, train_bpe
 from model.train import global_batch
-from registry.store import LocalStore
+from store.local import LocalStore
+
+from .conftest import prepare_data
 
 
 def test_bpe_round_trips_text_exactly(corpus_dir):
@@ -35,7 +38,7 @@ def test_split_is_deterministic_and_near_the_fraction(corpus_dir):
 def test_packing_uses_every_token_exactly_once_per_epoch(corpus_dir, tmp_path):
     store = LocalStore(tmp_path)
     spec = DataSpec(source=str(corpus_dir), seq_len=64, validation_fraction=0.1)
-    ref = model.pretrain.run_prepare_data(spec, TokenizerSpec(vocab_size=512), store)
+    ref = prepare_data(spec, TokenizerSpec(vocab_size=512), store)
     train = PackedTokens(ref.uri, "train")
     tokenizer = load_tokenizer(ref.tokenizer_uri)
 
@@ -60,28 +63,28 @@ def test_packing_uses_every_token_exactly_once_per_epoch(corpus_dir, tmp_path):
 def test_second_run_reuses_tokenizer_and_shards(corpus_dir, tmp_path, monkeypatch):
     store = LocalStore(tmp_path)
     spec, tok = DataSpec(source=str(corpus_dir), seq_len=64, validation_fraction=0.1), TokenizerSpec(vocab_size=512)
-    first = model.pretrain.run_prepare_data(spec, tok, store)
+    first = prepare_data(spec, tok, store)
 
     def fail(*args, **kwargs):
         raise AssertionError("recomputed")
 
-    monkeypatch.setattr(model.pretrain, "train_bpe", fail)
-    monkeypatch.setattr(model.pretrain, "pack_split", fail)
-    assert model.pretrain.run_prepare_data(spec, tok, store) == first
+    monkeypatch.setattr(model.tokenizer, "train_bpe", fail)
+    monkeypatch.setattr(model.data, "pack_split", fail)
+    assert prepare_data(spec, tok, store) == first
     # A changed sequence length reuses the tokenizer but packs again.
     monkeypatch.undo()
-    monkeypatch.setattr(model.pretrain, "train_bpe", fail)
-    other = model.pretrain.run_prepare_data(DataSpec(source=str(corpus_dir), seq_len=32, validation_fraction=0.1), tok, store)
+    monkeypatch.setattr(model.tokenizer, "train_bpe", fail)
+    other = prepare_data(DataSpec(source=str(corpus_dir), seq_len=32, validation_fraction=0.1), tok, store)
     assert other.tokenizer_digest == first.tokenizer_digest and other.uri != first.uri
 
 
 def test_a_damaged_shard_cache_is_rebuilt(corpus_dir, tmp_path):
     store = LocalStore(tmp_path)
     spec, tok = DataSpec(source=str(corpus_dir), seq_len=64, validation_fraction=0.1), TokenizerSpec(vocab_size=512)
-    first = model.pretrain.run_prepare_data(spec, tok, store)
+    first = prepare_data(spec, tok, store)
     shard = next(p for p in (tmp_path / "data").rglob("train-*.bin"))
     shard.write_bytes(shard.read_bytes()[:100])
-    again = model.pretrain.run_prepare_data(spec, tok, store)
+    again = prepare_data(spec, tok, store)
     assert again.digest == first.digest
     assert shard.stat().st_size > 100
 

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import model.evaluation.stage
-from model.contract import ArchSummary, Lineage, ModelRef
-from model.data import PackedTokens
-from model.evaluation.efficiency import analytic_cache_bytes, measure_efficiency, measured_cache_bytes
-from model.evaluation.gate import apply_gate, relative_to_teacher
-from model.evaluation.quality import measure_quality
-from model.evaluation.recall import (
+import evaluation.evaluate
+from evaluation import evaluate_stage
+from evaluation.evaluate import evaluate_folders
+from evaluation.evaluate_stage import Evaluation
+from evaluation.gate import apply_gate, relative_to_teacher
+from evaluation.quality import measure_quality
+from evaluation.recall import (
     IGNORE,
     make_mqar,
     make_passkey_prompts,
@@ -30,17 +30,19 @@ from model.evaluation.recall import (
     recall_accuracy,
     write_mqar_rows,
 )
-from model.evaluation.report import plot_loss_curves, plot_pareto, plot_recall, write_report
-from model.evaluation.spec import EfficiencySpec, EvaluateSpec, GateSpec, QualitySpec, RecallSpec
-from model.evaluation.stage import Evaluation, evaluate_folders, run_evaluate
+from evaluation.report import plot_loss_curves, plot_pareto, plot_recall, write_report
+from evaluation.spec import EfficiencySpec, EvaluateSpec, GateSpec, QualitySpec, RecallSpec
+from model.architectures import build_model_config
+from model.contract import ArchSummary, Lineage, ModelRef, StageContext
+from model.data import PackedTokens
+from model.efficiency import analytic_cache_bytes, measure_efficiency, measured_cache_bytes
 from model.nemotron_h import NemotronHForCausalLM, build_config, summarize
-from model.pretrain import build_model_config, run_prepare_data
-from model.specs import DataSpec, ModelSpec, TokenizerSpec, TrainSpec
+from model.spec import DataSpec, ModelSpec, TokenizerSpec, TrainSpec
 from model.tokenizer import load_tokenizer
 from model.train import global_batch, train
-from registry.store import LocalStore
+from store.local import LocalStore
 
-from .conftest import run_factory
+from .conftest import prepare_data, run_factory
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -54,8 +56,8 @@ def small_validation(corpus_dir, micro_data, tmp_path_factory):
     for i in range(40):
         (folder / f"doc{i:02d}.txt").write_text(text[i * 400 : (i + 1) * 400])
     store = LocalStore(tmp_path_factory.mktemp("small-data"))
-    return run_prepare_data(DataSpec(source=str(folder), seq_len=64, validation_fraction=0.3),
-                            TokenizerSpec(path=micro_data.tokenizer_uri), store)
+    return prepare_data(DataSpec(source=str(folder), seq_len=64, validation_fraction=0.3),
+                        TokenizerSpec(path=micro_data.tokenizer_uri), store)
 
 
 def save_micro_checkpoint(data_ref, folder, seed=0, overrides=None):
@@ -366,7 +368,7 @@ def _published_ref(store, folder, key, stage):
                     lineage=Lineage(stage=stage, spec_digest="", code_digest=""))
 
 
-def test_run_evaluate_reports_gates_and_measures_each_model_once(tmp_path, micro_data, teacher_dir, student_dir,
+def test_evaluate_stage_reports_gates_and_measures_each_model_once(tmp_path, micro_data, teacher_dir, student_dir,
                                                                  monkeypatch):
     store = LocalStore(tmp_path / "store")
     history = [{"step": s, "loss": 6 - 0.1 * s} for s in range(1, 6)]
@@ -374,14 +376,16 @@ def test_run_evaluate_reports_gates_and_measures_each_model_once(tmp_path, micro
     teacher = _published_ref(store, teacher_dir, "pretrain/teacher-run/model", "pretrain")
     student = _published_ref(store, student_dir, "distill/student-run/model", "distill")
 
-    evaluation = run_evaluate(SMALL, {"teacher": teacher, "models": [student], "data": micro_data}, store, "micro")
-    assert isinstance(evaluation, Evaluation) and store.verify(evaluation.uri, evaluation.digest)
-    assert evaluation.models == {"teacher": teacher.digest, "student-run": student.digest}
-    assert evaluation.metrics["student-run"]["kl_to_teacher"] > 0
-    assert evaluation.metrics["student-run"]["parameters"] < evaluation.metrics["teacher"]["parameters"]
-    gate = evaluation.gates["student-run"]
+    inputs = {"teacher": teacher, "models": [student], "data": micro_data}
+    result = evaluate_stage.run(SMALL, inputs, store, StageContext("micro"))
+    assert isinstance(result, Evaluation) and store.verify(result.uri, result.digest)
+    assert result.models == {"teacher": teacher.digest, "student-run": student.digest}
+    assert result.metrics["student-run"]["kl_to_teacher"] > 0
+    assert result.metrics["student-run"]["parameters"] < result.metrics["teacher"]["parameters"]
+    gate = result.gates["student-run"]
     assert gate.passed, gate.reasons  # a narrower student: a smaller cache, loss within 2x of an untrained teacher
-    report = evaluation.uri
+    assert result.gate_of(student.digest) == gate and result.gate_of(teacher.digest) is None
+    report = result.uri
     for name in ("metrics.json", "report.md", "plots/pareto.png", "plots/recall.png", "plots/loss_curves.png"):
         assert (tmp_path / "store" / "evaluate").joinpath(report.split("/evaluate/")[1], name).is_file()
 
@@ -389,25 +393,25 @@ def test_run_evaluate_reports_gates_and_measures_each_model_once(tmp_path, micro
     def no_measuring(*args, **kwargs):
         raise AssertionError("re-measured a model whose result is stored")
 
-    monkeypatch.setattr(model.evaluation.stage, "evaluate_checkpoint", no_measuring)
+    monkeypatch.setattr(evaluation.evaluate, "evaluate_checkpoint", no_measuring)
     strict = SMALL.model_copy(update={"gate": GateSpec(max_val_loss_ratio=2.0, max_cache_bytes_ratio=0.1)})
-    again = run_evaluate(strict, {"teacher": teacher, "models": [student], "data": micro_data}, store, "micro")
-    assert again.metrics == evaluation.metrics
+    again = evaluate_stage.run(strict, inputs, store, StageContext("micro"))
+    assert again.metrics == result.metrics
     assert not again.gates["student-run"].passed
     assert "cache_bytes_ratio" in again.gates["student-run"].reasons[0]
 
 
-def test_factory_eval_command(tmp_path, teacher_dir, monkeypatch):
+def test_factory_evaluate_model_command(tmp_path, teacher_dir, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # see one_torch_thread
     out = tmp_path / "report"
-    result = run_factory("eval", str(teacher_dir), "--sections", "recall", "efficiency", "--out", str(out),
+    result = run_factory("evaluate-model", str(teacher_dir), "--sections", "recall", "efficiency", "--out", str(out),
                          root=tmp_path / "root")
     assert result.stdout.strip().endswith(str(out / "report.md"))
     metrics = json.loads((out / "metrics.json").read_text())
     (label,) = metrics["models"]
     assert set(metrics["models"][label]["result"]) >= {"recall", "efficiency"}
 
-    missing = run_factory("eval", str(tmp_path / "nowhere"), root=tmp_path / "root", check=False)
+    missing = run_factory("evaluate-model", str(tmp_path / "nowhere"), root=tmp_path / "root", check=False)
     assert missing.returncode == 1 and "nowhere is not a folder" in missing.stderr
-    unknown = run_factory("eval", str(teacher_dir), "--sections", "bogus", root=tmp_path / "root", check=False)
+    unknown = run_factory("evaluate-model", str(teacher_dir), "--sections", "bogus", root=tmp_path / "root", check=False)
     assert unknown.returncode == 2 and "sections.0" in unknown.stderr

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from model.evaluation.harness import (
+from evaluation.harness import (
     LOCAL_TAG,
     LOCAL_TASKS,
     UnknownTaskError,
@@ -19,11 +19,13 @@ from model.evaluation.harness import (
     task_manager,
     write_local_tasks,
 )
+from model.architectures import build_model_config
 from model.nemotron_h import NemotronHForCausalLM
-from model.pretrain import build_model_config, run_prepare_data
-from model.specs import DataSpec, ModelSpec, TokenizerSpec
+from model.spec import DataSpec, ModelSpec, TokenizerSpec
 from model.tokenizer import load_tokenizer
-from registry.store import LocalStore
+from store.local import LocalStore
+
+from .conftest import prepare_data
 
 pytest.importorskip("lm_eval")
 
@@ -34,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def checkpoint(corpus_dir, tmp_path_factory):
     store = LocalStore(tmp_path_factory.mktemp("harness-data"))
-    data = run_prepare_data(DataSpec(source=str(corpus_dir), seq_len=64, validation_fraction=0.1),
+    data = prepare_data(DataSpec(source=str(corpus_dir), seq_len=64, validation_fraction=0.1),
                             TokenizerSpec(vocab_size=512), store)
     tokenizer = load_tokenizer(data.tokenizer_uri)
     folder = tmp_path_factory.mktemp("harness-model")

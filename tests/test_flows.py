@@ -17,7 +17,7 @@ import yaml
 
 from .conftest import REPO, free_port, recipe_dict, wait_for_http, write_recipe
 
-STAGE_TASKS = ("prepare-data", "pretrain", "importance", "prune", "distill", "evaluate")
+STAGE_TASKS = ("data", "pretrain", "importance", "prune", "distill", "evaluate")
 FLOW_SECTIONS = dict(
     compress={"importance": {"samples": 8, "batch_size": 4, "layer_samples": 4},
               "target": {"hidden_size": 48, "intermediate_size": 64, "mamba_num_heads": 4}},
@@ -101,7 +101,7 @@ def test_factory_flow_registers_a_champion_whose_lineage_points_to_its_teacher(c
     assert str(client().get_registered_model("micro").aliases.get("champion")) == str(student.version)
     assert student.tags["parent_model"] == "micro-teacher" and student.tags["parent_version"] == str(teachers[0].version)
     assert student.tags["checkpoint_digest"] == refs["distilled"].digest
-    assert refs["student_version"] == f"models:/micro/{student.version}"
+    assert refs["student_version"].uri == f"models:/micro/{student.version}"
 
     # The Prefect UI shows each stage's summary and the training progress.
     from prefect.client.orchestration import get_client
@@ -130,7 +130,7 @@ def test_unchanged_rerun_is_cached_and_a_distill_change_recomputes_only_what_fol
     recipe = write_recipe(base / "micro.yaml", recipe_dict(corpus_dir, **changed))
     _, flow_run = _run_factory_flow(recipe)
     states = _task_states(flow_run)
-    assert all(states[t] == "Cached" for t in ("prepare-data", "pretrain", "importance", "prune")), states
+    assert all(states[t] == "Cached" for t in ("data", "pretrain", "importance", "prune")), states
     assert states["distill"] == "Completed" and states["evaluate"] == "Completed", states
     assert len(_versions("micro")) == 2  # a new student, a new version
 
@@ -160,7 +160,7 @@ def test_kill_during_distillation_then_rerun_resumes_and_registers_once(corpus_d
     rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     log = rerun.stdout + rerun.stderr
-    for stage in ("prepare-data", "pretrain", "importance", "prune"):
+    for stage in ("data", "pretrain", "importance", "prune"):
         assert f"Task run '{stage}-" in log and "Cached" in log
     assert "resuming distill micro from" in log
     assert rerun.stdout.strip().splitlines()[-1] == "models:/micro/1"
@@ -248,7 +248,7 @@ def test_a_served_deployment_killed_mid_run_and_retried_from_the_ui_resumes(corp
     states = {}
     for r in sorted(task_runs, key=lambda r: r.created):
         states.setdefault(r.name.rsplit("-", 1)[0], []).append(r.state.name)
-    for stage in ("prepare-data", "pretrain", "importance", "prune"):  # done before the kill: cached on retry
+    for stage in ("data", "pretrain", "importance", "prune"):  # done before the kill: cached on retry
         assert states[stage] == ["Completed", "Cached"], states
     assert states["distill"][-1] == "Completed" and states["register"][-1] == "Completed", states
     assert "resuming distill micro from" in serve_log.read_text()
@@ -372,7 +372,7 @@ def test_only_transient_infrastructure_errors_are_retried():
     from botocore.exceptions import ClientError, EndpointConnectionError
 
     from model.train import TrainingDiverged
-    from tasks.common import is_transient
+    from tasks.policies import is_transient
 
     throttled = ClientError({"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "PutObject")
     denied = ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "PutObject")

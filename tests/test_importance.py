@@ -15,12 +15,15 @@ import torch
 
 from compression.importance import estimate_importance, load_scores, random_scores, save_scores
 from compression.prune import prune_model
-from compression.specs import ImportanceSpec, PruneTarget
+from compression.spec import ImportanceSpec, PruneTarget
+from model.architectures import build_model_config
 from model.data import PackedTokens
-from model.pretrain import build_model_config, load_tokenizer, run_prepare_data
-from model.specs import DataSpec, ModelSpec, TokenizerSpec, TrainSpec
+from model.spec import DataSpec, ModelSpec, TokenizerSpec, TrainSpec
+from model.tokenizer import load_tokenizer
 from model.train import evaluate_loss, train
-from registry.store import LocalStore
+from store.local import LocalStore
+
+from .conftest import prepare_data
 
 # The micro preset widened so that each axis has choices worth ranking: 8 query heads in 2 KV
 # groups, 16 Mamba heads (4 per group) of 8 channels, 9 layers.
@@ -32,7 +35,7 @@ RANDOM_SEEDS = range(4)
 @pytest.fixture(scope="module")
 def trained(corpus_dir, tmp_path_factory):
     store = LocalStore(tmp_path_factory.mktemp("importance-store"))
-    data = run_prepare_data(DataSpec(source=str(corpus_dir), seq_len=128, validation_fraction=0.1),
+    data = prepare_data(DataSpec(source=str(corpus_dir), seq_len=128, validation_fraction=0.1),
                             TokenizerSpec(vocab_size=512), store)
     config = build_model_config(ModelSpec(preset="micro", overrides=WIDE_MICRO), load_tokenizer(data.tokenizer_uri))
     torch.manual_seed(0)

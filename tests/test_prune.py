@@ -13,7 +13,7 @@ from transformers import NemotronHForCausalLM
 
 from compression.importance import random_scores
 from compression.prune import make_plan, prune_model, target_problems
-from compression.specs import PruneTarget
+from compression.spec import PruneTarget
 from model.nemotron_h import build_config
 
 from .conftest import run_cli
@@ -217,7 +217,7 @@ def test_a_model_that_is_not_nemotron_h_is_rejected(tmp_path, capsys):
 
 
 def test_pruned_folder_loads_in_a_fresh_process_and_generates(net, tmp_path):
-    from compression.stages import prune_checkpoint
+    from compression.prune import prune_checkpoint
     from model.tokenizer import train_bpe
 
     teacher = tmp_path / "teacher"

@@ -17,15 +17,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flows.cli import main
 from flows.recipe import parse_recipe
-from model.contract import ArchSummary, DataRef, Lineage, ModelRef, json_digest
-from model.pretrain import build_model_config, get_family, run_prepare_data, run_pretrain
-from model.specs import ModelSpec
+from model import pretrain_stage
+from model.architectures import build_model_config, get_family
+from model.contract import ArchSummary, DataRef, Lineage, ModelRef, StageContext
+from model.digests import json_digest
+from model.spec import ModelSpec
 from model.tokenizer import load_tokenizer, train_bpe
 from registry import models, tracking
 from registry.secrets import REDACTED, is_secret_key, scrub, scrub_text
-from registry.store import S3Store, open_store
+from store import open_store
+from store.s3 import S3Store
 
-from .conftest import MLFLOW_ARTIFACT_BUCKET, recipe_dict, run_factory
+from .conftest import MLFLOW_ARTIFACT_BUCKET, prepare_data, recipe_dict, run_factory
 
 
 def unique(prefix: str) -> str:
@@ -92,12 +95,12 @@ def test_pretrained_checkpoint_on_s3_is_tracked_registered_listed_fetched_and_lo
     recipe = parse_recipe(recipe_dict(corpus_dir, name="micro", train={"steps": 4, "checkpoint_every": 2,
                                                                        "eval_every": 2}))
     with tracking.factory_run(recipe, experiment=name) as run_id:
-        data = run_prepare_data(recipe.data, recipe.tokenizer, store, recipe.name)
+        data = prepare_data(recipe.data, recipe.tokenizer, store, recipe.name)
         with tracking.stage_run(run_id, "pretrain", params=recipe.pretrain_spec().model_dump(mode="json"),
                                 system_metrics=False) as pretrain_run:
             tracking.log_data_ref(pretrain_run, data)
-            ref = run_pretrain(recipe.pretrain_spec(), {"data": data}, store,
-                               callbacks=(tracking.metrics_callback(pretrain_run),))
+            ref = pretrain_stage.run(recipe.pretrain_spec(), {"data": data}, store,
+                                     StageContext(recipe.name, on_step=(tracking.metrics_callback(pretrain_run),)))
             tracking.log_model_ref(pretrain_run, ref)
         with tracking.stage_run(run_id, "register", system_metrics=False) as register_run:
             version = models.register_checkpoint(ref, store, name, run_id=register_run,

@@ -10,12 +10,12 @@ import torch
 
 from flows.cli import main
 from flows.recipe import parse_recipe
+from model.architectures import build_model_config, get_family
 from model.contract import ArchSummary, DataRef, Lineage, ModelRef
-from model.pretrain import build_model_config, get_family
-from model.specs import ModelSpec
+from model.spec import ModelSpec
 from model.tokenizer import load_tokenizer, train_bpe
 from registry import models, tracking
-from registry.store import open_store
+from store import open_store
 
 from .conftest import recipe_dict, run_factory
 

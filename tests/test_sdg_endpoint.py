@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from registry.store import LocalStore
+from model.contract import StageContext
+from sdg import sdg_stage
 from sdg.backends import ChatRequest, EndpointError, EndpointGenerator
 from sdg.spec import SDGSpec
-from sdg.stage import run_sdg
+from store.local import LocalStore
 
 from .conftest import free_port, wait_for_http
 from .test_sdg_generation import tiny_checkpoint
@@ -185,7 +186,7 @@ def test_sdg_stage_with_an_endpoint_generator(tmp_path, served, proxy):
                     "revise": False},
         "instruction_following": {"prompts": 2, "constraints": ["no_commas"]},
     })
-    ref = run_sdg(spec, {}, LocalStore(tmp_path / "store"), "endpoint")
+    ref = sdg_stage.run(spec, {}, LocalStore(tmp_path / "store"), StageContext("endpoint"))
     rows = [json.loads(line) for line in (Path(ref.uri) / "sft.jsonl").read_text().splitlines()]
     assert ref.metadata["generator"] == f"endpoint:{p.url}#{served[1]}"
     assert ref.metadata["stats"]["responses"]["generated"] == 2 * ref.metadata["stats"]["prompts"]["kept"]

@@ -19,16 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.contract import folder_digest
+from model.contract import StageContext
 from model.data import iter_documents, open_source
-from model.specs import DataSpec, ModelSpec
-from registry.store import LocalStore
+from model.digests import folder_digest
+from model.spec import DataSpec, ModelSpec
+from sdg import sdg_stage
 from sdg.backends import DEFAULT_CHAT_TEMPLATE, ChatRequest, LocalGenerator
 from sdg.output import render_conversation
+from sdg.pipeline import Run, rank_pairs
 from sdg.scorers import HELPSTEER2_ATTRIBUTES, RewardModel, combine, init_reward_head
 from sdg.shards import RecordStore
 from sdg.spec import NEMOTRON_REWARD_WEIGHTS, SDGSpec
-from sdg.stage import Run, rank_pairs, run_sdg
+from store.local import LocalStore
 
 from .conftest import REPO, recipe_dict, run_cli, write_recipe
 
@@ -40,8 +42,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     folder = tmp_path_factory.getbasetemp() / "sdg-tiny-generator"
     if (folder / "model.safetensors").is_file():
         return folder
-    from model.architectures import get_family
-    from model.pretrain import build_model_config
+    from model.architectures import build_model_config, get_family
     from model.tokenizer import train_bpe
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -213,7 +214,7 @@ def test_sdg_end_to_end_gives_scored_datasets_usable_as_a_data_source(tmp_path, 
                                                                       problem_files, corpus_dir, monkeypatch):
     store = LocalStore(tmp_path / "store")
     spec = full_spec(generator_dir, reward_dir, problem_files, corpus_dir)
-    ref = run_sdg(spec, {}, store, "e2e")
+    ref = sdg_stage.run(spec, {}, store, StageContext("e2e"))
     assert ref.kind == "sdg_dataset" and store.verify(ref.uri, ref.digest, deep=True)
     out = Path(ref.uri)
     sft = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
@@ -250,17 +251,17 @@ def test_sdg_end_to_end_gives_scored_datasets_usable_as_a_data_source(tmp_path, 
 
     # Again: the stored result, at once.
     start = time.monotonic()
-    assert run_sdg(spec, {}, store, "e2e") == ref
+    assert sdg_stage.run(spec, {}, store, StageContext("e2e")) == ref
     assert time.monotonic() - start < 2
 
     # New thresholds: new datasets from the stored scores; nothing generated, scored, or even loaded.
-    import sdg.stage
+    import sdg.pipeline
 
-    monkeypatch.setattr(sdg.stage, "open_generator", lambda *a, **k: pytest.fail("generator loaded"))
-    monkeypatch.setattr(sdg.stage, "RewardModel", lambda *a, **k: pytest.fail("reward model loaded"))
+    monkeypatch.setattr(sdg.pipeline, "open_generator", lambda *a, **k: pytest.fail("generator loaded"))
+    monkeypatch.setattr(sdg.pipeline, "RewardModel", lambda *a, **k: pytest.fail("reward model loaded"))
     median = sorted(r["scores"]["correctness"] for r in sft)[len(sft) // 2]
     stricter = spec.model_copy(update={"filter": spec.filter.model_copy(update={"min_attributes": {"correctness": median}})})
-    again = run_sdg(stricter, {}, store, "e2e")
+    again = sdg_stage.run(stricter, {}, store, StageContext("e2e"))
     assert again.uri != ref.uri
     assert all(s.get("generated", 0) == 0 for s in again.metadata["stats"].values())
     kept = [json.loads(line) for line in (Path(again.uri) / "sft.jsonl").read_text().splitlines()]
@@ -270,11 +271,12 @@ def test_sdg_end_to_end_gives_scored_datasets_usable_as_a_data_source(tmp_path, 
 
 KILL_SCRIPT = """
 import json, sys
-from registry.store import LocalStore
+from store.local import LocalStore
 from sdg.spec import SDGSpec
-from sdg.stage import run_sdg
+from model.contract import StageContext
+from sdg import sdg_stage
 spec = SDGSpec.model_validate_json(open(sys.argv[1]).read())
-ref = run_sdg(spec, {}, LocalStore(sys.argv[2]), "resume")
+ref = sdg_stage.run(spec, {}, LocalStore(sys.argv[2]), StageContext("resume"))
 print(json.dumps(ref.metadata["stats"]))
 """
 
@@ -311,7 +313,7 @@ def test_a_killed_run_resumes_generating_only_the_missing_records(tmp_path, gene
     done_before = _complete_keys(responses_dir)
     earlier_steps = {p.name for p in (store_dir / "sdg" / "resume" / "records").iterdir()} - {"responses"}
 
-    ref = run_sdg(spec, {}, LocalStore(store_dir), "resume")
+    ref = sdg_stage.run(spec, {}, LocalStore(store_dir), StageContext("resume"))
     stats = ref.metadata["stats"]
     total = stats["responses"]["requested"]
     assert 3 <= len(done_before) < total
@@ -357,7 +359,7 @@ def test_sdg_output_is_logged_to_mlflow_as_datasets_with_lineage(tmp_path, gener
     monkeypatch.setenv("FACTORY_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
     spec = small_spec(generator_dir, reward_dir, open_qa={"topics": ["rivers"], "subtopics_per_topic": 0,
                                                           "questions_per_topic": 1, "revise": False})
-    ref = run_sdg(spec, {}, LocalStore(tmp_path / "artifacts"), "tracked")
+    ref = sdg_stage.run(spec, {}, LocalStore(tmp_path / "artifacts"), StageContext("tracked"))
     with tracking.factory_run({"name": "tracked", "sdg": spec.model_dump(mode="json")}) as parent:
         with tracking.stage_run(parent, "sdg", system_metrics=False) as stage:
             log_sdg_output(stage, ref, recipe_digest="r" * 64)

@@ -21,8 +21,12 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from model.contract import MANIFEST_NAME, ArchSummary, Lineage, ModelRef
-from registry.store import LocalStore, S3Store, StoreError, build_manifest, open_store
+from model.contract import ArchSummary, Lineage, ModelRef
+from model.digests import MANIFEST_NAME
+from store import open_store
+from store.local import LocalStore
+from store.manifest import build_manifest
+from store.s3 import S3Store, StoreError
 
 from .conftest import free_port, wait_for_http
 

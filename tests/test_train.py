@@ -15,22 +15,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import model.pretrain
+from model import pretrain_stage
+from model.architectures import build_model_config, get_family
 from model.checkpoint import MARKER_FILE, checkpoint_problem, find_latest, list_checkpoints
+from model.contract import StageContext
 from model.data import PackedTokens
-from model.pretrain import PretrainSpec, run_pretrain
-from model.specs import ModelSpec, TrainSpec
+from model.pretrain_stage import PretrainSpec
+from model.spec import ModelSpec, TrainSpec
+from model.tokenizer import load_tokenizer
 from model.train import TrainingDiverged, lm_loss, lr_factor, train
-from registry.store import LocalStore
+from store.local import LocalStore
 
 from .conftest import REPO, recipe_dict, run_factory, write_recipe
 
 
 def _micro_model(data_ref, seed=0):
-    tokenizer = model.pretrain.load_tokenizer(data_ref.tokenizer_uri)
-    config = model.pretrain.build_model_config(ModelSpec(preset="micro"), tokenizer)
+    tokenizer = load_tokenizer(data_ref.tokenizer_uri)
+    config = build_model_config(ModelSpec(preset="micro"), tokenizer)
     torch.manual_seed(seed)
-    return model.pretrain.get_family("nemotron_h").model_class(config)
+    return get_family("nemotron_h").model_class(config)
 
 
 def test_lr_schedules():
@@ -45,11 +48,11 @@ def test_lr_schedules():
 
 
 def test_training_decreases_loss_and_output_loads_with_plain_transformers(micro_data, tmp_path):
-    spec = PretrainSpec(name="micro", model=ModelSpec(preset="micro"),
+    spec = PretrainSpec(model=ModelSpec(preset="micro"),
                         train=TrainSpec(steps=12, batch_size=8, micro_batch_size=4, lr=1e-2, warmup_steps=2,
                                         checkpoint_every=6, eval_every=6, eval_batches=2))
     store = LocalStore(tmp_path)
-    ref = run_pretrain(spec, {"data": micro_data}, store)
+    ref = pretrain_stage.run(spec, {"data": micro_data}, store, StageContext("micro"))
     history = json.loads((Path(ref.uri) / "training_history.json").read_text())["history"]
     assert history[-1]["loss"] < history[0]["loss"] - 0.5
     assert ref.metrics["val_loss"] < math.log(512)
@@ -72,7 +75,7 @@ def test_training_decreases_loss_and_output_loads_with_plain_transformers(micro_
     assert result.stdout.startswith("NemotronHForCausalLM 'def main(")
 
     # A second run with the same spec and data returns the stored ref without training.
-    assert run_pretrain(spec, {"data": micro_data}, store) == ref
+    assert pretrain_stage.run(spec, {"data": micro_data}, store, StageContext("micro")) == ref
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -149,11 +152,11 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(mi
 
 
 def _short_run(data_ref, root: Path, num_processes: int, parallelism: str = "ddp"):
-    spec = PretrainSpec(name="dist", model=ModelSpec(preset="micro"),
+    spec = PretrainSpec(model=ModelSpec(preset="micro"),
                         train=TrainSpec(steps=5, batch_size=8, micro_batch_size=4, lr=1e-2, warmup_steps=1,
                                         eval_every=5, checkpoint_every=2, keep_checkpoints=5,
                                         num_processes=num_processes, parallelism=parallelism))
-    ref = run_pretrain(spec, {"data": data_ref}, LocalStore(root))
+    ref = pretrain_stage.run(spec, {"data": data_ref}, LocalStore(root), StageContext("dist"))
     return Path(ref.uri), _losses(ref)
 
 
@@ -193,23 +196,23 @@ def test_two_gloo_processes_follow_the_single_process_curve_replicated_or_sharde
 
 
 def test_fsdp_distillation_shards_student_and_teacher_and_follows_one_process(micro_data, tmp_path):
-    from compression.distill import DistillStageSpec, run_distill
-    from compression.specs import DistillSpec, ImportanceSpec, PruneTarget
-    from compression.stages import PruneStageSpec, run_importance, run_prune
+    from compression import distill_stage, importance_stage, prune_stage
+    from compression.spec import DistillSpec, ImportanceSpec, PruneTarget
 
-    store = LocalStore(tmp_path / "store")
-    teacher = run_pretrain(PretrainSpec(name="teacher", model=ModelSpec(preset="micro"),
-                                        train=TrainSpec(steps=3, batch_size=8, micro_batch_size=4, warmup_steps=1)),
-                           {"data": micro_data}, store)
-    scores = run_importance(ImportanceSpec(samples=8, method="random"), {"teacher": teacher, "data": micro_data}, store)
-    student = run_prune(PruneStageSpec(name="student", target=PruneTarget(hidden_size=48)),
-                        {"teacher": teacher, "scores": scores}, store)
+    store, context = LocalStore(tmp_path / "store"), StageContext("kd")
+    teacher = pretrain_stage.run(PretrainSpec(model=ModelSpec(preset="micro"),
+                                              train=TrainSpec(steps=3, batch_size=8, micro_batch_size=4, warmup_steps=1)),
+                                 {"data": micro_data}, store, context)
+    scores = importance_stage.run(ImportanceSpec(samples=8, method="random"), {"teacher": teacher, "data": micro_data},
+                                  store, context)
+    student = prune_stage.run(prune_stage.PruneSpec(target=PruneTarget(hidden_size=48)),
+                              {"teacher": teacher, "scores": scores}, store, context)
 
     def distill(num_processes: int, parallelism: str = "ddp") -> list[float]:
         train = TrainSpec(steps=3, batch_size=8, micro_batch_size=4, lr=1e-2, warmup_steps=1,
                           num_processes=num_processes, parallelism=parallelism)
-        ref = run_distill(DistillStageSpec(name=f"kd-{num_processes}", distill=DistillSpec(train=train)),
-                          {"student": student, "teacher": teacher, "data": micro_data}, store)
+        ref = distill_stage.run(DistillSpec(train=train), {"student": student, "teacher": teacher, "data": micro_data},
+                                store, context)
         return _losses(ref)
 
     assert distill(1) == pytest.approx(distill(2, "fsdp"), rel=1e-4)

@@ -1,11 +1,11 @@
-"""What every factory task shares: its cache policy, result persistence and retry rule.
+"""What every stage task shares: its cache policy and its retry rule.
 
-Cache key (DESIGN.md, resumability level 1): the stage name, the digest of the recipe
-section the stage reads, the digests of its input refs and the digest of the stage's code.
-Results are the stage's JSON ref, persisted under the artifact root, so a new flow run
-(a schedule, a UI click, ``factory run`` again) reuses every finished stage. The flow checks
-that a cached ref's artifact is still whole and refreshes the task when it is not
-(``flows/factory.py: run_stage``); the stage functions also skip work whose stored result
+Cache key (docs/resumability.md, level 1): the stage's own ``key`` (model/contract.py): the
+stage name, the digest of the recipe section it reads, the digests of its input refs and its
+code version. Results are the stage's JSON ref, persisted under the artifact root, so a new
+flow run (a schedule, a UI click, ``factory run`` again) reuses every finished stage. The flow
+checks that a cached ref's artifact is still whole and refreshes the task when it is not
+(``flows/factory.py: PrefectRunner``); the stages also skip work whose stored result
 verifies, so even a refreshed task recomputes nothing that is intact.
 
 Retries: only transient infrastructure errors (S3, the MLflow server, the network) are
@@ -22,17 +22,18 @@ from prefect.context import TaskRunContext
 
 
 class StageCache(CachePolicy):
-    """A task's cache key is its stage's own key (model/contract.py Stage.key): the stage
-    name, the spec digest, the input refs' digests and the code digest, exactly what the
-    stage function uses for its stored ref, so Prefect and the store never disagree."""
+    """A task's cache key is its stage's own key (``model/contract.py: stage_key``): exactly
+    what the stage uses for its stored ref, so Prefect and the store never disagree. A stage
+    whose key is None (registration) is never cached."""
 
-    def __init__(self, key_fn: Callable[[Any, dict], str], spec_arg: str = "spec", inputs_arg: str = "inputs"):
+    def __init__(self, key_fn: Callable[[Any, dict], str | None], spec_arg: str = "spec", inputs_arg: str = "inputs"):
         super().__init__()
         self.key_fn, self.spec_arg, self.inputs_arg = key_fn, spec_arg, inputs_arg
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
-        return f"{task_ctx.task.name}-{self.key_fn(inputs[self.spec_arg], inputs.get(self.inputs_arg) or {})[:40]}"
+        key = self.key_fn(inputs[self.spec_arg], inputs.get(self.inputs_arg) or {})
+        return None if key is None else f"{task_ctx.task.name}-{key[:40]}"
 
 
 TRANSIENT_NAMES = {

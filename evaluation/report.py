@@ -25,8 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from evaluation.gate import GateResult, headline, point_key, relative_to_teacher  # noqa: E402
 from model.architectures import format_parameters  # noqa: E402
-from model.evaluation.gate import GateResult, headline, point_key, relative_to_teacher  # noqa: E402
 from model.fsutil import atomic_write_text  # noqa: E402
 
 PLOTS_DIR = "plots"

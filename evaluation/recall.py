@@ -300,7 +300,7 @@ def mqar_loss(model: torch.nn.Module, rows: torch.Tensor, target_mask: torch.Ten
 
 
 def train_mqar(recipe, work_dir: Path) -> dict[str, dict]:
-    """Train every model of an MQARRecipe (model/evaluation/spec.py) on the same MQAR data
+    """Train every model of an MQARRecipe (evaluation/spec.py) on the same MQAR data
     with the factory's training loop, then score each on the recipe's grid of
     (sequence length, key-value pairs). Resumes from each model's newest checkpoint.
 

@@ -1,21 +1,15 @@
-"""The SDG stage: ``run_sdg(spec, inputs, store) -> ArtifactRef``.
+"""The SDG pipeline: Nemotron-4 340B's synthetic-data steps as plain functions over a ``Run``.
 
     prompts (topics -> dedup -> questions, writing, closed Q&A, math, code, IF, two-turn)
       -> dedup prompts -> responses (several per prompt) -> verifiers -> reward model
       -> pairs (ground truth / verifier, else reward model or judge in both orders)
-      -> dedup responses -> thresholds -> sft + preference datasets in the artifact store
+      -> dedup responses -> thresholds -> sft + preference rows
 
 Resumable per record: every generation, verdict and score is kept in the recipe's working
 folder under a hash of what decides it (sdg/shards.py), and every step asks only for the
 records it does not hold. A run killed anywhere continues where it stopped; a run with
 new thresholds, weights or output formats generates and scores nothing again (no model is
-even loaded). The published result is cached like every stage's: the same spec, inputs
-and code return the stored ref at once.
-
-``inputs`` maps ``generator``, ``reward_model`` and ``judge`` to refs (anything with
-``uri`` and ``digest``: a ModelRef, or ``checkpoint_ref(folder)``) for the checkpoints the
-spec names; the caller resolves ``teacher``, ``models:/`` and ``s3://`` names (see
-``SDGSpec.checkpoints``). A local folder named in the spec needs no ref.
+even loaded). The stage around it (inputs, caching, publishing) is ``sdg/sdg_stage.py``.
 """
 
 from __future__ import annotations
@@ -26,19 +20,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-import sdg.backends
-import sdg.dedup
-import sdg.output
-import sdg.parsing
-import sdg.prompts
-import sdg.responses
-import sdg.scorers
-import sdg.verifiers
-from model.contract import ArtifactRef, Lineage, Stage, code_digest, folder_digest, json_digest, stored_ref
+from model.contract import code_version
+from model.device import DevicePolicy
 from sdg import prompts as P
 from sdg.backends import ChatRequest, open_generator
 from sdg.dedup import dedup
-from sdg.output import render_conversation, write_datasets
+from sdg.output import render_conversation
 from sdg.responses import choose_pair, has_verifier, score_of, verify
 from sdg.scorers import (
     RewardModel,
@@ -49,28 +36,18 @@ from sdg.scorers import (
     weight_problems,
 )
 from sdg.shards import RecordStore, record_key
-from sdg.spec import TEACHER, SDGSpec
+from sdg.spec import SDGSpec
 
-STAGE = "sdg"
-SDG = Stage(STAGE, ("sdg.prompts", "sdg.parsing", "sdg.responses", "sdg.scorers", "sdg.verifiers", "sdg.dedup",
-                    "sdg.output", "sdg.backends", "sdg.stage"))
 Progress = Callable[[str, int, int], None]  # (step, done, total): e.g. a Prefect progress artifact
-
-
-def checkpoint_ref(folder: str | Path, stage: str = "external") -> ArtifactRef:
-    """A ref for a checkpoint folder the caller resolved (a registry download, the teacher)."""
-    folder = Path(folder).expanduser().resolve()
-    return ArtifactRef(uri=str(folder), digest=folder_digest(folder), kind="checkpoint",
-                       lineage=Lineage(stage=stage, spec_digest="", code_digest=""))
 
 
 class Run:
     """One SDG run's state: the record shards, lazily opened models, counts per step."""
 
     def __init__(self, spec: SDGSpec, folders: dict[str, Path], identities: dict[str, str], records: RecordStore,
-                 progress: Progress | None):
+                 progress: Progress | None, devices: DevicePolicy | None = None):
         self.spec, self.folders, self.identities, self.records = spec, folders, identities, records
-        self.progress = progress
+        self.progress, self.devices = progress, devices or DevicePolicy()
         self.stats: dict[str, dict[str, int]] = {}
         self._backends: dict[str, object] = {}
         self._reward_model: RewardModel | None = None
@@ -84,17 +61,22 @@ class Run:
                 self._backends[who] = self.backend("generator")  # one copy of the weights serves both roles
             else:
                 spec = self.spec.generator if who == "generator" else self.spec.scorer.judge
-                self._backends[who] = open_generator(spec, self.folders.get(who), seed=self.spec.seed)
+                device = None if spec.endpoint else self.devices.choose(spec.device, f"sdg.{self._field(who)}.device")
+                self._backends[who] = open_generator(spec, self.folders.get(who), seed=self.spec.seed, device=device)
         return self._backends[who]
 
     def reward_model(self) -> RewardModel:
         if self._reward_model is None:
             s = self.spec.scorer
-            self._reward_model = RewardModel(self.folders["reward_model"], s.batch_size, self.spec.generator.device,
-                                             s.max_tokens)
+            device = self.devices.choose(self.spec.generator.device, "sdg.generator.device")
+            self._reward_model = RewardModel(self.folders["reward_model"], s.batch_size, device, s.max_tokens)
             if problems := weight_problems(self._reward_model.attributes, s.weights):
                 raise ValueError(f"sdg.scorer: {problems[0]}")
         return self._reward_model
+
+    @staticmethod
+    def _field(who: str) -> str:
+        return "generator" if who == "generator" else "scorer.judge"
 
     def close(self) -> None:
         for backend in {id(b): b for b in self._backends.values()}.values():
@@ -209,7 +191,7 @@ def generate_responses(spec: SDGSpec, run: Run, prompts: list[dict]) -> dict[str
 
 def check_responses(spec: SDGSpec, run: Run, prompts: list[dict], by_prompt: dict[str, list[dict]]) -> None:
     """Attach each response's verdict (ground truth / verifier, None without one), kept in the shards."""
-    version = code_digest(sdg.verifiers, sdg.parsing, sdg.responses)  # a fixed verifier judges again
+    version = code_version("sdg.responses")  # a fixed verifier (or its parsing) judges again
     key = lambda p, r: record_key("verdict", version, spec.verify.model_dump(), p, r["text"])
     checked = [(p, r) for p in prompts if has_verifier(p) for r in by_prompt[p["id"]]]
     values = run.cached("verdicts", [(key(p, r), (p, r["text"])) for p, r in checked],
@@ -327,105 +309,3 @@ def preference_rows(spec: SDGSpec, run: Run, pairs: list[dict]) -> list[dict]:
         })
     run.count("preference", kept=len(rows))
     return rows
-
-
-# --------------------------------------------------------------------------------------
-# The stage
-# --------------------------------------------------------------------------------------
-
-
-def _local_folder(name: str, uri: str) -> Path:
-    """A checkpoint the spec names by path; other names need a ref from the caller."""
-    if uri.startswith(("models:/", "s3://")) or uri == TEACHER:
-        raise ValueError(f"sdg: {name} {uri!r} must be resolved by the caller and passed as inputs[{name!r}] "
-                         "(registry.models.resolve_checkpoint, then sdg.stage.checkpoint_ref)")
-    folder = Path(uri).expanduser().resolve()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"sdg: {name} {folder} is not a checkpoint folder (no config.json)")
-    return folder
-
-
-def _identities(spec: SDGSpec, inputs: dict) -> dict[str, str]:
-    """What produced each role's records: an endpoint's URL and model, or a checkpoint's
-    digest (from its ref, without fetching it)."""
-    def identity(name: str, generator) -> str:
-        if generator is not None and generator.endpoint is not None:
-            return f"endpoint:{generator.endpoint.rstrip('/')}#{generator.endpoint_model or 'default'}"
-        if (ref := inputs.get(name)) is not None:
-            return f"checkpoint:{ref.digest}"
-        return sdg.backends.checkpoint_identity(_local_folder(name, spec.checkpoints()[name]))
-
-    ids = {"generator": identity("generator", spec.generator)}
-    if spec.scorer.reward_model is not None:
-        ids["reward_model"] = identity("reward_model", None)
-    if spec.scorer.judge is not None:
-        ids["judge"] = identity("judge", spec.scorer.judge)
-    return ids
-
-
-def _resolve(spec: SDGSpec, inputs: dict, store) -> dict[str, Path]:
-    """A local folder for every checkpoint the spec names (refs fetched from the store)."""
-    folders = {}
-    for name, uri in spec.checkpoints().items():
-        if (ref := inputs.get(name)) is None:
-            folders[name] = _local_folder(name, uri)
-        else:
-            folders[name] = Path(ref.uri) if Path(ref.uri).is_dir() else store.fetch(ref.uri)
-            if not (folders[name] / "config.json").is_file():
-                raise FileNotFoundError(f"sdg: {name} {ref.uri} is not a checkpoint folder (no config.json)")
-    return folders
-
-
-def sdg_ref_key(recipe_name: str, key: str) -> str:
-    return f"{STAGE}/{recipe_name}-{key[:8]}"
-
-
-def sdg_key(spec: SDGSpec, inputs: dict | None = None) -> str:
-    """The stage's cache key (as run_sdg computes it): spec, the identities of the
-    generator, reward model and judge (checkpoint digests or endpoint URLs), code."""
-    inputs = inputs or {}
-    return SDG.key(spec, _identities(spec, inputs or {}))
-
-
-def run_sdg(spec: SDGSpec, inputs: dict | None, store, recipe_name: str = "sdg",
-            progress: Progress | None = None) -> ArtifactRef:
-    """Generate, score, filter and publish the SFT and preference datasets; resumable."""
-    inputs = inputs or {}
-    identities = _identities(spec, inputs)
-    code = SDG.code()
-    key = SDG.key(spec, identities)
-    ref_key = sdg_ref_key(recipe_name, key)
-    if (cached := stored_ref(store, ref_key, ArtifactRef)) is not None:
-        return cached
-
-    folders = _resolve(spec, inputs, store)
-    work = store.stage_dir(STAGE, recipe_name)  # one per recipe: every version of its sdg section shares records
-    run = Run(spec, folders, identities, RecordStore(work / "records"), progress)
-    try:
-        prompts = build_prompts(spec, run)
-        if not prompts:
-            raise ValueError("sdg: the pipelines produced no prompt (the generator's lists parsed to nothing); "
-                             "give seed topics, keywords or a problems_file, or a stronger generator")
-        by_prompt = generate_responses(spec, run, prompts)
-        check_responses(spec, run, prompts, by_prompt)
-        score_responses(spec, run, prompts, by_prompt)
-        pairs = rank_pairs(spec, run, prompts, by_prompt)
-        sft = sft_rows(spec, run, prompts, by_prompt)
-        preference = preference_rows(spec, run, pairs)
-    finally:
-        run.close()
-
-    out = work / "outputs" / key[:16]
-    files = write_datasets(out, sft, preference, run.stats, tuple(spec.formats))
-    uri = store.publish(out, ref_key)
-    parents = [i.removeprefix("checkpoint:") for i in identities.values() if i.startswith("checkpoint:")]
-    ref = ArtifactRef(
-        uri=uri, digest=store.published_digest(uri), kind="sdg_dataset",
-        lineage=Lineage(stage=STAGE, spec_digest=json_digest(spec), code_digest=code, parents=parents,
-                        recipe_name=recipe_name),
-        metadata={"files": files, "sft_rows": len(sft), "preference_rows": len(preference),
-                  "generator": identities["generator"], "reward_model": identities.get("reward_model", ""),
-                  "judge": identities.get("judge", ""), "stats": run.stats},
-    )
-    store.write_ref(ref_key, ref)
-    return ref

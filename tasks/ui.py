@@ -1,5 +1,6 @@
-"""What each stage shows in the Prefect UI: a markdown summary, tables, training progress and
-a link to its MLflow run. Keys are stable per recipe and stage, so the UI keeps a history."""
+"""What each stage shows in the Prefect UI: a markdown summary, a table, progress and a link to
+its MLflow run. Keys are stable per recipe and stage, so the UI keeps a history. What a stage
+shows beyond its ref comes from its own ``summary`` (plain data, ``model/contract.py: Summary``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from prefect.artifacts import (
 )
 
 from model.architectures import format_parameters
+from model.contract import Summary
 
 
 def artifact_key(recipe_name: str, stage: str) -> str:
@@ -23,22 +25,30 @@ def artifact_key(recipe_name: str, stage: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{recipe_name}-{stage}".lower()).strip("-")
 
 
-def summarize_ref(recipe_name: str, stage: str, ref, notes: str = "") -> None:
-    lines = [f"## {stage}: {recipe_name}", "", f"- artifact: `{ref.uri}`", f"- digest: `{ref.digest[:16]}`"]
+def show_result(recipe_name: str, stage: str, ref, summary: Summary) -> None:
+    """The stage's markdown (its own, or a summary of the ref) and its table, if it has one."""
+    markdown = summary.markdown or describe_ref(recipe_name, stage, ref, summary.notes)
+    create_markdown_artifact(markdown, key=artifact_key(recipe_name, stage), description=f"{stage} result")
+    if summary.table:
+        create_table_artifact(summary.table, key=artifact_key(recipe_name, f"{stage}-table"),
+                              description=summary.table_description or f"{stage} table")
+
+
+def describe_ref(recipe_name: str, stage: str, ref, notes: str = "") -> str:
+    lines = [f"## {stage}: {recipe_name}", "", f"- artifact: `{ref.uri}`"]
+    if getattr(ref, "digest", None):
+        lines.append(f"- digest: `{ref.digest[:16]}`")
     if hasattr(ref, "architecture"):
         a = ref.architecture
         lines.append(f"- {a.family}, {format_parameters(a.parameters)} parameters, layers `{a.layer_pattern}`")
     if getattr(ref, "train_tokens", None):
         lines.append(f"- {ref.train_tokens:,} training / {ref.validation_tokens:,} validation tokens")
     for name, value in (getattr(ref, "metrics", None) or {}).items():
-        lines.append(f"- {name}: {value:.4g}")
+        if isinstance(value, int | float):
+            lines.append(f"- {name}: {value:.4g}")
     if notes:
         lines += ["", notes]
-    create_markdown_artifact("\n".join(lines), key=artifact_key(recipe_name, stage), description=f"{stage} result")
-
-
-def table(recipe_name: str, stage: str, rows: list[dict], description: str) -> None:
-    create_table_artifact(rows, key=artifact_key(recipe_name, stage), description=description)
+    return "\n".join(lines)
 
 
 def link_tracking_run(recipe_name: str, stage: str, tracking_uri: str, experiment_id: str, run_id: str) -> None:
@@ -52,28 +62,37 @@ def link_tracking_run(recipe_name: str, stage: str, tracking_uri: str, experimen
 
 
 class ProgressArtifact:
-    """A Prefect progress artifact, updated at most every ``every_seconds`` and always at 100%.
+    """A Prefect progress artifact, created on the first update, then updated at most every
+    ``every_seconds`` and always at 100%.
 
     Each update is a request the server writes to its database and turns into events; sent every
     training step it cost ~5% of the training throughput beside the server on 2 cores
     (``python bench/train_throughput.py --tracking``). The UI needs no more than a few a minute."""
 
     def __init__(self, key: str, description: str, every_seconds: float = 10.0):
-        self.artifact_id = create_progress_artifact(0.0, key=key, description=description)
+        self.key, self.description = key, description
+        self.artifact_id = None  # created on the first update: stages that report no progress show none
         self.every_seconds, self.last_sent, self.percent = every_seconds, time.monotonic(), 0.0
 
     def update(self, percent: float) -> None:
         percent = min(percent, 100.0)
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(0.0, key=self.key, description=self.description)
         if percent == self.percent:
             return
         if percent == 100.0 or time.monotonic() - self.last_sent >= self.every_seconds:
             self.last_sent, self.percent = time.monotonic(), percent
             update_progress_artifact(self.artifact_id, percent)
 
+    def finish(self) -> None:
+        """100% when anything was reported (a finished stage always reads complete)."""
+        if self.artifact_id is not None:
+            self.update(100.0)
+
 
 @contextmanager
-def training_progress(recipe_name: str, stage: str, total_steps: int):
-    """A progress artifact for a training stage; yields the training loop's StepCallback."""
-    progress = ProgressArtifact(artifact_key(recipe_name, f"{stage}-progress"), f"{stage} steps done (%)")
-    yield lambda record: progress.update(100.0 * record["step"] / total_steps)
-    progress.update(100.0)
+def stage_progress(recipe_name: str, stage: str):
+    """A progress artifact for a stage; yields the context's ``on_progress`` (a fraction done)."""
+    progress = ProgressArtifact(artifact_key(recipe_name, f"{stage}-progress"), f"{stage}: work done (%)")
+    yield lambda fraction: progress.update(100.0 * fraction)
+    progress.finish()

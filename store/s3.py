@@ -1,20 +1,9 @@
-"""The artifact store: where stages keep work and publish results.
+"""``S3Store``: artifacts under ``s3://bucket/prefix`` on any S3-compatible server, through boto3.
 
-``open_store(root)`` picks the implementation from the root (``FACTORY_ARTIFACT_ROOT``,
-default ``.factory``): a local folder (``LocalStore``) or ``s3://bucket/prefix``
-(``S3Store``, any S3-compatible endpoint through boto3).
-
-Publishing is atomic for readers: the files first, then ``manifest.json`` last
-(``{"digest": ..., "files": {name: {"sha256": ..., "size": ...}}}``, the same format in
-both stores), so a reader that finds a manifest finds a whole artifact, and a reader
-that finds none treats the artifact as not published.
-
-S3 is configured the standard boto3 way and only that way: the credential chain
-(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, SSO, instance roles),
-``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` for MinIO, Ceph and friends,
-``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` for retries. Stages still work in local
-folders (``stage_dir``) and read local copies (``fetch``); those live under
-``FACTORY_WORK_DIR`` (default ``~/.cache/factory``).
+Configured the standard boto3 way and only that way (see ``store/__init__.py``). Uploads and
+downloads go through boto3's transfer manager (multipart above 64 MiB, several parts in
+flight); every operation's botocore error becomes one ``StoreError`` naming the bucket, the
+key and a fix.
 """
 
 from __future__ import annotations
@@ -29,136 +18,17 @@ from pathlib import Path
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from model.contract import MANIFEST_NAME, combine_digests, file_digest, folder_files
+from model.digests import MANIFEST_NAME, file_digest
 from model.fsutil import atomic_write_text
+from store import REFS_DIR, work_root
+from store.manifest import build_manifest, fetch_local, local_copy_is_whole, published_digest_local
 
-DEFAULT_ROOT = ".factory"
-REFS_DIR = "refs"  # <root>/refs/<key>.json: stage results, apart from the artifacts they point to
 MiB = 1 << 20
-
-
-def artifact_root() -> str:
-    return os.environ.get("FACTORY_ARTIFACT_ROOT", DEFAULT_ROOT)
-
-
-def work_root() -> Path:
-    """Local folder for working copies of a remote store: stage folders and downloads."""
-    if "FACTORY_WORK_DIR" in os.environ:
-        return Path(os.environ["FACTORY_WORK_DIR"]).expanduser().resolve()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache).expanduser().resolve() / "factory"
-
-
-def open_store(root: str | None = None):
-    root = root or artifact_root()
-    if root.startswith("s3://"):
-        return S3Store(root)
-    return LocalStore(root)
 
 
 class StoreError(RuntimeError):
     """An artifact store operation that cannot succeed as configured; the message says where and why."""
 
-
-# --------------------------------------------------------------------------------------
-# Manifests and local folders (shared by both stores)
-# --------------------------------------------------------------------------------------
-
-
-def build_manifest(folder: Path) -> dict:
-    """sha256 and size of every file under ``folder`` (except the manifest) and their digest."""
-    folder = Path(folder)
-    files = folder_files(folder)
-    return {"digest": combine_digests(files),
-            "files": {name: {"sha256": files[name], "size": (folder / name).stat().st_size} for name in files}}
-
-
-def read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((Path(folder) / MANIFEST_NAME).read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-        return None
-
-
-def local_copy_is_whole(folder: Path, digest: str, deep: bool = False) -> bool:
-    """Manifest present with this digest and every file at its size; ``deep`` re-hashes every file."""
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    if manifest is None or manifest["digest"] != digest:
-        return False
-    for name, info in manifest["files"].items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != info["size"]:
-            return False
-    return not deep or combine_digests(folder_files(folder)) == digest
-
-
-def _fetch_local(uri: str) -> Path:
-    folder = Path(uri)
-    if read_manifest(folder) is None:
-        raise FileNotFoundError(f"no published artifact at {uri} (missing {MANIFEST_NAME})")
-    return folder
-
-
-def _published_digest_local(uri: str) -> str | None:
-    manifest = read_manifest(Path(uri))
-    return manifest["digest"] if manifest else None
-
-
-class LocalStore:
-    """Artifacts as folders under a local root; URIs are absolute paths."""
-
-    def __init__(self, root: str | Path):
-        self.path = Path(root).expanduser().resolve()
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.root = str(self.path)
-
-    def stage_dir(self, stage: str, name: str) -> Path:
-        folder = self.path / stage / name
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-    def publish(self, local_dir: Path, key: str) -> str:
-        dest = self.path / key
-        local_dir = Path(local_dir).resolve()
-        if local_dir != dest:
-            (dest / MANIFEST_NAME).unlink(missing_ok=True)  # unpublish first: no reader mixes old and new
-            staging = dest.with_name(f".{dest.name}.staging-{os.getpid()}")
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(local_dir, staging)
-            shutil.rmtree(dest, ignore_errors=True)
-            staging.rename(dest)
-        atomic_write_text(dest / MANIFEST_NAME, json.dumps(build_manifest(dest), indent=1))
-        return str(dest)
-
-    def published_digest(self, uri: str) -> str | None:
-        """The digest recorded when ``uri`` was published, or None if it never was."""
-        return _published_digest_local(uri)
-
-    def verify(self, uri: str, digest: str, deep: bool = False) -> bool:
-        """Complete and unchanged: manifest present with this digest, every file at its size.
-
-        ``deep`` re-hashes every file (slow for large checkpoints)."""
-        return local_copy_is_whole(Path(uri), digest, deep)
-
-    def fetch(self, uri: str) -> Path:
-        return _fetch_local(uri)
-
-    def write_ref(self, key: str, ref: BaseModel) -> str:
-        path = self.path / REFS_DIR / f"{key}.json"
-        atomic_write_text(path, ref.model_dump_json(indent=1))
-        return str(path)
-
-    def read_ref(self, key: str, cls: type[BaseModel]) -> BaseModel | None:
-        path = self.path / REFS_DIR / f"{key}.json"
-        if not path.is_file():
-            return None
-        return cls.model_validate_json(path.read_text())
-
-
-# --------------------------------------------------------------------------------------
-# S3
-# --------------------------------------------------------------------------------------
 
 DEFAULT_MAX_ATTEMPTS = 5  # when neither AWS_MAX_ATTEMPTS nor the profile's max_attempts says otherwise
 
@@ -377,7 +247,7 @@ class S3Store:
     def published_digest(self, uri: str) -> str | None:
         """The digest recorded when ``uri`` was published, or None if it never was."""
         if not uri.startswith("s3://"):
-            return _published_digest_local(uri)
+            return published_digest_local(uri)
         manifest = self._read_manifest(*parse_s3_uri(uri))
         return manifest["digest"] if manifest else None
 
@@ -409,7 +279,7 @@ class S3Store:
     def fetch(self, uri: str) -> Path:
         """A local, checked copy of the artifact at ``uri``, downloaded once per digest."""
         if not uri.startswith("s3://"):
-            return _fetch_local(uri)
+            return fetch_local(uri)
         from boto3.s3.transfer import ProgressCallbackInvoker, create_transfer_manager
 
         bucket, key = parse_s3_uri(uri)

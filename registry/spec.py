@@ -6,7 +6,7 @@ import re
 
 from pydantic import Field, field_validator
 
-from model.specs import Section
+from model.spec import Section
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"  # no '@' or '/': names appear in models:/NAME@ALIAS
 
@@ -16,14 +16,25 @@ class RegisterSpec(Section):
 
     ``model_name`` and ``experiment`` default to the recipe's name. ``key_metrics`` are the
     checkpoint metrics copied onto each model version (as ``metric.<name>`` tags) and shown
-    by ``factory models list``. ``system_metrics`` samples CPU, memory, disk, network (and
-    GPU with ``nvidia-ml-py``) into each stage's run.
+    by ``factory models list``.
     """
 
-    model_name: str | None = Field(None, max_length=128)
-    experiment: str | None = Field(None, min_length=1, max_length=256)
-    key_metrics: tuple[str, ...] = ("val_loss", "final_loss", "tokens_seen")
-    system_metrics: bool = True
+    model_name: str | None = Field(
+        None, max_length=128,
+        description="Registered model name of the distilled student; the teacher is registered as "
+                    "`<model_name>-teacher`. Up to 128 letters, digits, '.', '_' or '-', starting with a letter or "
+                    "digit (it appears in models:/NAME@ALIAS); null uses the recipe's name.",
+    )
+    experiment: str | None = Field(
+        None, min_length=1, max_length=256,
+        description="MLflow experiment the factory run and its stage runs are logged in; null uses the recipe's "
+                    "name.",
+    )
+    key_metrics: tuple[str, ...] = Field(
+        ("val_loss", "final_loss", "tokens_seen"),
+        description="Checkpoint metrics copied onto each registered version as `metric.<name>` tags (those the "
+                    "checkpoint has) and shown by `factory models list`.",
+    )
 
     @field_validator("model_name")
     @classmethod

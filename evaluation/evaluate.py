@@ -1,8 +1,10 @@
-"""The evaluate stage: measure checkpoints, write the report, apply the gate.
+"""Measure checkpoints, write the report, apply the gate: plain functions over folders.
 
     evaluate_checkpoint(folder, spec, ...)   one model -> its nested result (plain dict)
-    evaluate_folders({label: folder}, ...)   a teacher and candidates -> report folder + gates
-    run_evaluate(spec, inputs, store)        the stage contract: refs in, an EvaluationRef out
+    evaluate_folders({label: folder}, ...)   a teacher and candidates -> report folder + Results
+
+``factory evaluate-model`` calls ``evaluate_folders`` on any checkpoint; the evaluate stage
+(``evaluation/evaluate_stage.py``) calls it on the recipe's teacher and students.
 
 One model's result::
 
@@ -15,37 +17,28 @@ One model's result::
                     prefill_tokens_per_s, decode_tokens_per_s, cache_bytes_per_sequence, ...}]},
      "skipped":    {section: why}}
 
-``run_evaluate`` keeps each model's result as a ref keyed by (model digest, teacher digest,
-data digest, the measured sections of the spec, code), so re-running a recipe measures
-nothing again, and adding a student measures only that student; the gate is applied on
-every run (changing a threshold re-measures nothing).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, Field
 
-import model.evaluation.efficiency
-import model.evaluation.harness
-import model.evaluation.quality
-import model.evaluation.recall
+from evaluation.gate import GateResult, apply_gate, headline
+from evaluation.harness import LOCAL_TAG, LOCAL_TASKS, run_lm_eval, task_manager, write_local_tasks
+from evaluation.quality import check_same_tokenizer, measure_quality
+from evaluation.recall import evaluate_mqar, evaluate_passkey, passkey_problems
+from evaluation.report import write_report
+from evaluation.spec import EvaluateSpec
 from model.architectures import FAMILIES
-from model.contract import DataRef, Lineage, ModelRef, code_digest, json_digest
-from model.evaluation.efficiency import measure_efficiency, resolve_device, resolve_dtype
-from model.evaluation.gate import GateResult, apply_gate, headline
-from model.evaluation.harness import LOCAL_TAG, LOCAL_TASKS, run_lm_eval, task_manager, write_local_tasks
-from model.evaluation.quality import check_same_tokenizer, measure_quality
-from model.evaluation.recall import evaluate_mqar, evaluate_passkey, passkey_problems
-from model.evaluation.report import write_report
-from model.evaluation.spec import EvaluateSpec
+from model.device import DevicePolicy
+from model.efficiency import measure_efficiency, resolve_dtype
 from model.tokenizer import load_tokenizer
+from model.train import read_history
 
-HISTORY_FILE = "training_history.json"
 TEACHER = "teacher"
 
 
@@ -92,22 +85,18 @@ def describe(net, folder: Path) -> dict:
             "layer_pattern": info.get("layer_pattern", "")}
 
 
-def read_history(folder: Path) -> list[dict]:
-    path = Path(folder) / HISTORY_FILE
-    return json.loads(path.read_text()).get("history", []) if path.is_file() else []
-
-
 # --------------------------------------------------------------------------------------
 # One checkpoint
 # --------------------------------------------------------------------------------------
 
 
 def evaluate_checkpoint(folder: Path, spec: EvaluateSpec, work_dir: Path, data_dir: Path | None = None,
-                        teacher_dir: Path | None = None, label: str = "model") -> dict:
+                        teacher_dir: Path | None = None, label: str = "model",
+                        device_policy: DevicePolicy | None = None) -> dict:
     """Every section of ``spec.sections`` for one checkpoint; the teacher (if any) for KL and agreement."""
     folder = Path(folder)
     work_dir = Path(work_dir)
-    device = resolve_device(spec.device)
+    device = (device_policy or DevicePolicy()).resolve(spec.device, "evaluate.device")
     dtype = resolve_dtype(spec.efficiency.dtype, device)
     result: dict = {"skipped": {}}
 
@@ -157,16 +146,13 @@ def evaluate_checkpoint(folder: Path, spec: EvaluateSpec, work_dir: Path, data_d
 # --------------------------------------------------------------------------------------
 
 
-class Evaluation(BaseModel):
-    """What ``evaluate_folders`` and ``run_evaluate`` return."""
+class Results(BaseModel):
+    """What an evaluation found: headline metrics per model and the gate per candidate."""
 
-    uri: str  # the report folder: metrics.json, report.md, plots/
-    digest: str = ""
     teacher: str | None = None  # its label
-    models: dict[str, str] = Field(default_factory=dict)  # label -> checkpoint digest (or path)
+    models: dict[str, str] = Field(default_factory=dict)  # label -> checkpoint (a folder here, a digest in a ref)
     metrics: dict[str, dict[str, float]] = Field(default_factory=dict)  # label -> headline scalars
     gates: dict[str, GateResult] = Field(default_factory=dict)  # candidate label -> gate result
-    lineage: Lineage | None = None
 
     @property
     def passed(self) -> list[str]:
@@ -188,14 +174,14 @@ def check_inputs(spec: EvaluateSpec, folders: dict[str, Path], teacher: str | No
     if "tasks" in spec.sections:
         local = set(LOCAL_TASKS) | {LOCAL_TAG}
         if not set(spec.tasks.names) <= local:  # lm-eval's own index takes seconds to build: only when needed
-            from model.evaluation.harness import check_task_names
+            from evaluation.harness import check_task_names
 
             check_task_names([n for n in spec.tasks.names if n not in local], task_manager())
 
 
 def evaluate_folders(folders: dict[str, Path], spec: EvaluateSpec, out_dir: Path, teacher: str | None = None,
                      data_dir: Path | None = None, cached: dict[str, dict] | None = None,
-                     on_result=None) -> Evaluation:
+                     on_result=None, device_policy: DevicePolicy | None = None) -> Results:
     """Evaluate every checkpoint in ``folders`` ({label: folder}), write the report to
     ``out_dir`` and gate every candidate against ``teacher`` (a label in ``folders``).
 
@@ -210,90 +196,14 @@ def evaluate_folders(folders: dict[str, Path], spec: EvaluateSpec, out_dir: Path
     for label, folder in folders.items():
         if label not in cached:
             teacher_dir = folders[teacher] if teacher and label != teacher else None
-            cached[label] = evaluate_checkpoint(folder, spec, Path(out_dir) / "work", data_dir, teacher_dir, label)
+            cached[label] = evaluate_checkpoint(folder, spec, Path(out_dir) / "work", data_dir, teacher_dir, label,
+                                                device_policy)
             if on_result is not None:
                 on_result(label, cached[label])
         results[label] = cached[label]
     gates = {label: apply_gate(spec.gate, results[label], results.get(teacher) if teacher else None)
              for label in folders if label != teacher}
-    histories = {label: read_history(folder) for label, folder in folders.items()}
+    histories = {label: read_history(folder)["history"] for label, folder in folders.items()}
     write_report(results, out_dir, teacher, gates, histories)
-    return Evaluation(uri=str(out_dir), teacher=teacher, models={label: str(f) for label, f in folders.items()},
-                      metrics={label: headline(r) for label, r in results.items()}, gates=gates)
-
-
-# --------------------------------------------------------------------------------------
-# The stage contract
-# --------------------------------------------------------------------------------------
-
-
-class ModelResult(BaseModel):
-    """One model's measured result, kept as a ref so a re-run measures nothing."""
-
-    model_digest: str
-    label: str
-    result: dict
-
-
-def model_label(ref: ModelRef) -> str:
-    """A readable name for a checkpoint: its stage folder (``.../distill/tiny-50pct-ab12/model`` -> ``tiny-50pct-ab12``)."""
-    path = Path(ref.uri.rstrip("/"))
-    return path.parent.name if path.name == "model" else path.name
-
-
-def _measured_spec(spec: EvaluateSpec) -> dict:
-    """The part of the spec that changes measurements (not the gate)."""
-    return spec.model_dump(mode="json", exclude={"gate"})
-
-
-def run_evaluate(spec: EvaluateSpec, inputs: dict, store, name: str = "evaluate") -> Evaluation:
-    """Evaluate ``inputs['models']`` (a ModelRef or a list of them) against ``inputs['teacher']``
-    (optional) on the validation split of ``inputs['data']`` (optional DataRef); publish the
-    report folder and return an Evaluation with per-model metrics and gate results."""
-    candidates = inputs.get("models") or inputs.get("model")
-    candidates = [candidates] if isinstance(candidates, ModelRef) else list(candidates or [])
-    teacher_ref: ModelRef | None = inputs.get("teacher")
-    data_ref: DataRef | None = inputs.get("data")
-    if not candidates and teacher_ref is None:
-        raise ValueError("run_evaluate needs inputs['models'] (ModelRef or list) and/or inputs['teacher']")
-    refs = ([(TEACHER, teacher_ref)] if teacher_ref else []) + [(model_label(r), r) for r in candidates]
-    labels = [label for label, _ in refs]
-    if len(set(labels)) != len(labels):
-        refs = [(f"{label}-{i}" if labels.count(label) > 1 else label, r) for i, (label, r) in enumerate(refs)]
-
-    code = code_digest(model.evaluation.quality, model.evaluation.recall, model.evaluation.efficiency,
-                       model.evaluation.harness, sys.modules[__name__])
-    measured = json_digest(_measured_spec(spec))
-    data_digest = data_ref.digest if data_ref else ""
-    teacher_digest = teacher_ref.digest if teacher_ref else ""
-
-    def result_key(label: str, ref: ModelRef) -> str:
-        parts = [ref.digest, data_digest, teacher_digest if label != TEACHER else "", measured, code]
-        return f"evaluate/models/{json_digest(parts)[:24]}"
-
-    cached = {}
-    for label, ref in refs:
-        hit = store.read_ref(result_key(label, ref), ModelResult)
-        if hit is not None:
-            cached[label] = hit.result
-    refs_by_label = dict(refs)
-
-    def keep(label: str, result: dict) -> None:
-        ref = refs_by_label[label]
-        store.write_ref(result_key(label, ref), ModelResult(model_digest=ref.digest, label=label, result=result))
-
-    run_key = json_digest([sorted((label, r.digest) for label, r in refs), data_digest, measured, code,
-                           spec.gate.model_dump(mode="json")])
-    out_dir = store.stage_dir("evaluate", f"{name}-{run_key[:12]}")
-    folders = {label: store.fetch(r.uri) for label, r in refs}
-    data_dir = store.fetch(data_ref.uri) if data_ref else None
-    evaluation = evaluate_folders(folders, spec, out_dir / "report", TEACHER if teacher_ref else None, data_dir,
-                                  cached, keep)
-    uri = store.publish(out_dir / "report", f"evaluate/{name}-{run_key[:12]}/report")
-    return evaluation.model_copy(update={
-        "uri": uri, "digest": store.published_digest(uri),
-        "models": {label: r.digest for label, r in refs},
-        "lineage": Lineage(stage="evaluate", spec_digest=json_digest(spec), code_digest=code,
-                           parents=[r.digest for _, r in refs] + ([data_digest] if data_digest else []),
-                           recipe_name=name),
-    })
+    return Results(teacher=teacher, models={label: str(f) for label, f in folders.items()},
+                   metrics={label: headline(r) for label, r in results.items()}, gates=gates)

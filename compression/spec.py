@@ -1,0 +1,324 @@
+"""Recipe sections read by ``compression/``: ``compress`` (importance, a target or a search)
+and ``distill``.
+
+``PruneTarget`` names the sizes of the student; fields left out keep the teacher's size.
+Whether a target fits a given teacher can only be checked against its config, so
+``compression.prune.target_problems(config, target)`` does that before any work.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
+
+from model.spec import Section, TrainSpec, field_error
+
+
+class ImportanceSpec(Section):
+    """One calibration pass with forward hooks (docs/compression.md, section 1.3).
+
+    ``aggregation`` reduces activations (batch, seq, channel) to a score per channel:
+    ``l2_mean`` (the papers' choice: mean |x| over the sequence, then L2 over the batch),
+    ``mean_mean`` or ``variance`` (for ablations). ``method: random`` replaces every score
+    with seeded noise, the baseline that importance must beat.
+    """
+
+    samples: PositiveInt = Field(
+        64,
+        description="Calibration sequences (whole rows of the training split) for the activation pass; at most "
+                    "the number of rows there is (Minitron-SSM used 1024 sequences of 8192 tokens).",
+    )
+    batch_size: PositiveInt = Field(
+        8, description="Sequences per forward pass, in the activation pass and in the layer-KL passes.",
+    )
+    aggregation: Literal["l2_mean", "mean_mean", "variance"] = Field(
+        "l2_mean",
+        description="How activations (batch, sequence, channel) become one score per channel: `l2_mean` (mean |x| "
+                    "over the sequence, then L2 over the batch; the papers' choice), `mean_mean` (mean |x| over the "
+                    "sequence, then mean over the batch) or `variance` (of x over every token); the last two are "
+                    "for ablations.",
+    )
+    ffn_activation: Literal["pre", "post"] = Field(
+        "pre",
+        description="Where FFN neurons are scored: `pre` the output of up_proj, before the activation (the paper); "
+                    "`post` the input of down_proj, after it (NVIDIA's Model Optimizer).",
+    )
+    layer_samples: PositiveInt = Field(
+        16,
+        description="Sequences for the KL depth score (the KL between the full model's next-token distribution "
+                    "and that with one layer removed); each batch costs num_layers + 1 forward passes.",
+    )
+    method: Literal["activation", "random"] = Field(
+        "activation",
+        description="`activation`: scores from the calibration passes; `random`: seeded noise in place of every "
+                    "score, the baseline that importance must beat.",
+    )
+    seed: int = Field(
+        0, description="Seeds which calibration sequences are drawn, and the noise of `method: random`.",
+    )
+
+
+class PruneTarget(Section):
+    """The student's sizes. Omitted fields keep the teacher's value.
+
+    Depth: ``num_layers`` keeps that many layers, dropping the least important by
+    ``layer_metric``; or ``drop_layers`` lists layer indices to drop. Mamba heads are kept
+    in equal numbers per group, each in its own group (``mamba_head_selection:
+    group_aware``); ``global`` ranks heads across groups and packs the winners by
+    position, the naive method the Minitron-SSM paper argues against (ablation only).
+    """
+
+    hidden_size: PositiveInt | None = Field(
+        None,
+        description="Embedding (hidden) channels to keep, the highest-scoring ones; null keeps the teacher's.",
+    )
+    intermediate_size: PositiveInt | None = Field(
+        None, description="Neurons to keep in every FFN layer; null keeps the teacher's.",
+    )
+    num_attention_heads: PositiveInt | None = Field(
+        None,
+        description="Query heads to keep in every attention layer, chosen within each KV group, so a multiple of "
+                    "the teacher's num_key_value_heads; null keeps the teacher's.",
+    )
+    mamba_num_heads: PositiveInt | None = Field(
+        None,
+        description="Heads to keep in every Mamba layer, a multiple of the teacher's n_groups; null keeps the "
+                    "teacher's.",
+    )
+    mamba_head_dim: PositiveInt | None = Field(
+        None,
+        description="Channels to keep in every Mamba head (the same channel indices in every head); null keeps the "
+                    "teacher's.",
+    )
+    num_layers: PositiveInt | None = Field(
+        None,
+        description="Keep this many layers, dropping the lowest-scoring by `layer_metric` (at least one attention "
+                    "layer must remain); null keeps every layer. Not with `drop_layers`.",
+    )
+    drop_layers: list[int] | None = Field(
+        None,
+        description="0-based indices of the teacher's layers to drop, each at most once (at least one attention "
+                    "layer must remain); null drops none. Not with `num_layers`.",
+    )
+    layer_metric: Literal["kl", "cosine"] = Field(
+        "kl",
+        description="The depth score `num_layers` ranks layers by: `kl` (KL of the logits with the layer removed) "
+                    "or `cosine` (block importance, 1 - cos between a layer's input and output).",
+    )
+    mamba_head_selection: Literal["group_aware", "global"] = Field(
+        "group_aware",
+        description="`group_aware`: the same number of top heads in every group, each kept in its own group; "
+                    "`global`: heads ranked across groups and the winners packed by position, the naive method the "
+                    "Minitron-SSM paper argues against (ablation only).",
+    )
+
+    @model_validator(mode="after")
+    def _one_depth_rule(self):
+        if self.num_layers is not None and self.drop_layers is not None:
+            raise field_error("drop_layers", "give num_layers or drop_layers, not both")
+        if self.drop_layers is not None and len(set(self.drop_layers)) != len(self.drop_layers):
+            raise field_error("drop_layers", f"lists a layer twice: {self.drop_layers}")
+        return self
+
+
+class DistillSpec(Section):
+    """``distill`` in a recipe: retrain the pruned student on its teacher's logits.
+
+    The loss per token is T^2 x KL(teacher || student) at temperature T, plus the optional
+    cross-entropy and cosine terms. ``train`` is the loop's spec (steps, lr, batch, checkpoints).
+    """
+
+    train: TrainSpec = Field(
+        default_factory=lambda: TrainSpec(steps=100, lr=1e-3, warmup_steps=10),
+        description="The training loop the student is distilled with (steps, lr, batches, checkpoints, processes); "
+                    "by default 100 steps at lr 1e-3 with 10 warmup steps (20 and 2 in `search.short_kd`).",
+    )
+    temperature: PositiveFloat = Field(
+        1.0,
+        description="Softmax temperature T of teacher and student logits; the KL is scaled by T^2, so 1 is the "
+                    "plain forward KL(teacher || student).",
+    )
+    ce_weight: float = Field(
+        0.0, ge=0, description="Weight of an added next-token cross-entropy term on the data; 0 is pure distillation.",
+    )
+    top_k: PositiveInt | None = Field(
+        None,
+        description="Keep only the teacher's k largest logits, renormalized over them; the student's "
+                    "log-probabilities stay over the full vocabulary, so its mass outside those k ids is penalized. "
+                    "Null uses the whole vocabulary; at least 2.",
+    )
+    cosine_weight: float = Field(
+        0.0, ge=0,
+        description="Weight of an added 1 - cos term between each student block's output and that of the teacher "
+                    "block it was cut from (from the student's pruning.json); 0 disables it. The outputs are "
+                    "compared channel by channel, so the student's hidden size must be the teacher's.",
+    )
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_room(cls, top_k):
+        if top_k is not None and top_k < 2:
+            raise ValueError("must be at least 2 (a distribution over one token carries no signal)")
+        return top_k
+
+
+class SearchSpace(Section):
+    """Choices per axis; an empty list keeps the teacher's value. ``num_layers`` keeps that many
+    layers, dropping the least important; ``keep_attention_layers: [true]`` never drops attention
+    layers (Minitron-SSM), ``[true, false]`` also tries candidates that may (MiniPuzzle 56B->47B)."""
+
+    hidden_size: list[PositiveInt] = Field([], description="Hidden sizes to try; empty keeps the teacher's.")
+    intermediate_size: list[PositiveInt] = Field([], description="FFN sizes to try; empty keeps the teacher's.")
+    num_attention_heads: list[PositiveInt] = Field(
+        [],
+        description="Attention query-head counts to try; empty keeps the teacher's. A count that is not a multiple "
+                    "of the teacher's num_key_value_heads makes an invalid candidate, which is skipped.",
+    )
+    mamba_num_heads: list[PositiveInt] = Field(
+        [],
+        description="Mamba head counts to try; empty keeps the teacher's. A count that is not a multiple of the "
+                    "teacher's n_groups makes an invalid candidate, which is skipped.",
+    )
+    mamba_head_dim: list[PositiveInt] = Field(
+        [], description="Channels per Mamba head to try; empty keeps the teacher's.",
+    )
+    num_layers: list[PositiveInt] = Field(
+        [],
+        description="Layer counts to try, each keeping that many layers and dropping the lowest-scoring by "
+                    "`search.layer_metric`; empty keeps every layer.",
+    )
+    keep_attention_layers: list[bool] = Field(
+        [True],
+        description="`true`: depth pruning never drops an attention layer (Minitron-SSM); `false`: it may, as long "
+                    "as one remains (MiniPuzzle 56B->47B). `[true, false]` tries both.",
+    )
+
+
+class Budget(Section):
+    """The search's budget: candidates outside it are rejected before they are scored.
+
+    At least one constraint. Memory is weights + KV cache + Mamba state (model/cost.py)."""
+
+    parameters: PositiveInt | None = Field(
+        None,
+        description="Target parameter count: a candidate must be within `parameter_tolerance` of it, above or "
+                    "below; null: no parameter constraint.",
+    )
+    parameter_tolerance: float = Field(
+        0.05, gt=0, lt=1,
+        description="Allowed relative distance from `parameters`: 0.05 is within 5% of the target (Minitron's "
+                    "choice).",
+    )
+    memory_gib: PositiveFloat | None = Field(
+        None,
+        description="Most inference memory a candidate may need, in GiB: weights + KV cache + Mamba state for "
+                    "`batch` sequences of `context` tokens in `dtype`; null: no memory constraint.",
+    )
+    context: PositiveInt = Field(8192, description="Context length, in tokens, of the memory budget.")
+    batch: PositiveInt = Field(1, description="Sequences served at once in the memory budget.")
+    dtype: Literal["float32", "bfloat16", "float16", "fp8", "fp4"] = Field(
+        "bfloat16",
+        description="Number format of the memory budget's weights, KV cache and conv state (4, 2, 2, 1 and 0.5 "
+                    "bytes per value); the Mamba SSM state counts in the model's mamba_ssm_cache_dtype (float32 by "
+                    "default).",
+    )
+    decode_latency_ms: PositiveFloat | None = Field(
+        None,
+        description="Most milliseconds a candidate may take per decode step (one token per sequence), measured on "
+                    "the pruned model at `search.throughput_batch` and `search.throughput_context`; null: no latency "
+                    "constraint.",
+    )
+    latency_context: PositiveInt = Field(
+        256,
+        description="Not read by the search at present: decode latency is measured at `search.throughput_context`.",
+    )
+
+    @model_validator(mode="after")
+    def _some_constraint(self):
+        if self.parameters is None and self.memory_gib is None and self.decode_latency_ms is None:
+            raise field_error("parameters", "give at least one of parameters, memory_gib, decode_latency_ms")
+        return self
+
+
+class SearchSpec(Section):
+    """``compress.search``: every combination of ``space`` that meets ``budget`` is pruned from the
+    saved importance scores and ranked by zero-shot validation loss; the best ``top_k`` get a short
+    distillation, and the lowest loss after it wins (ties within ``tie_tolerance`` go to the faster
+    decoder). docs/compression.md, sections 1.5 and 2.3."""
+
+    space: SearchSpace = Field(
+        default_factory=SearchSpace, description="The choices per axis; every combination is a candidate.",
+    )
+    budget: Budget = Field(description="Required: the constraints a candidate must meet.")
+    layer_metric: Literal["kl", "cosine"] = Field(
+        "kl",
+        description="The depth score that decides which layers a `space.num_layers` choice drops: `kl` (KL of the "
+                    "logits with the layer removed) or `cosine` (block importance).",
+    )
+    mamba_head_selection: Literal["group_aware", "global"] = Field(
+        "group_aware",
+        description="How every candidate keeps Mamba heads: `group_aware` (the same number per group, each in its "
+                    "own group) or `global` (ranked across groups; ablation only).",
+    )
+    max_candidates: PositiveInt = Field(
+        32,
+        description="At most this many candidates that meet the budget are scored zero-shot; when more fit, a "
+                    "sample seeded by `seed` is taken.",
+    )
+    zero_shot_sequences: PositiveInt = Field(
+        64,
+        description="Validation rows (the first N) on which each candidate's loss is measured, zero-shot and "
+                    "after its short distillation.",
+    )
+    top_k: PositiveInt = Field(
+        3,
+        description="Candidates with the lowest zero-shot loss that get the short distillation; the winner is one "
+                    "of them.",
+    )
+    short_kd: DistillSpec = Field(
+        default_factory=lambda: DistillSpec(
+            train=TrainSpec(steps=20, lr=1e-3, warmup_steps=2, checkpoint_every=10, eval_every=20)),
+        description="The distillation each of the `top_k` candidates gets before the choice (by default 20 steps "
+                    "at lr 1e-3); its `cosine_weight` must stay 0.",
+    )
+    tie_tolerance: float = Field(
+        0.01, ge=0,
+        description="Validation losses after the short distillation within this many nats of the best are tied; "
+                    "the tie goes to the highest measured decode throughput.",
+    )
+    throughput_batch: PositiveInt = Field(
+        1,
+        description="Batch size at which decode speed is measured, for the tie-break and for "
+                    "`budget.decode_latency_ms`.",
+    )
+    throughput_context: PositiveInt = Field(
+        256,
+        description="Prompt length, in tokens, prefilled before the timed decode steps of that measurement.",
+    )
+    seed: int = Field(
+        0, description="Seeds the sample of candidates when more than `max_candidates` meet the budget.",
+    )
+
+
+class CompressSpec(Section):
+    """``compress`` in a recipe: score the teacher once, then prune to a fixed ``target`` or
+    ``search`` for the best architecture under a budget."""
+
+    importance: ImportanceSpec = Field(
+        default_factory=ImportanceSpec,
+        description="The calibration pass that scores every width axis and layer of the teacher, computed once and "
+                    "reused by the target or every search candidate.",
+    )
+    target: PruneTarget | None = Field(
+        None, description="Fixed student sizes to prune to; give this or `search`, not both.",
+    )
+    search: SearchSpec | None = Field(
+        None, description="A search for the best student under a budget, in place of a fixed `target`.",
+    )
+
+    @model_validator(mode="after")
+    def _target_or_search(self):
+        if (self.target is None) == (self.search is None):
+            raise field_error("target", "give exactly one of compress.target and compress.search")
+        return self
