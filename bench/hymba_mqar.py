@@ -4,7 +4,7 @@
     python bench/hymba_mqar.py [--steps 250] [--seq-len 64] [--kv-pairs 4] [--vocab 128]
 
 The Hymba paper reports recall-intensive accuracy of 49.90 for Hymba-1.5B against 19.23 for
-Llama-3.2-3B (architectures.md 2.5); Zoology (arXiv 2312.04927) shows SSMs need more width than
+Llama-3.2-3B (docs/architectures.md 2.5); Zoology (arXiv 2312.04927) shows SSMs need more width than
 attention to recall. This is a CPU-sized version: the `micro` Hymba (6 layers, width 64,
 window 8 so most pairs lie outside the window layers' reach; ~0.29M parameters) against a
 6-layer Llama and a 9-layer Nemotron-H (pattern M-M*-M-M-) of the same width, each with its

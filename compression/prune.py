@@ -4,7 +4,7 @@ From importance scores and a target, ``make_plan`` chooses what to keep on every
 ``prune_state_dict`` slices every tensor accordingly; the result is a smaller
 ``NemotronHConfig`` plus weights that load into transformers' own class.
 
-Mamba-2 mixer layout (reference/architectures.md 1.2), H heads of P channels, G groups,
+Mamba-2 mixer layout (docs/architectures.md 1.2), H heads of P channels, G groups,
 state size N, d = H * P:
 
     in_proj.weight  rows  z[d] | x[d] | B[G*N] | C[G*N] | dt[H]     cols hidden

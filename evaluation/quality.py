@@ -5,7 +5,7 @@ wrote, model/data.py), through the training loop's own ``evaluate_loss``: the va
 loss here is the same number pretraining logs, and KL and next-token accuracy are the same
 loop with another per-token function.
 
-Greedy agreement (the MiniPuzzle ranking signal, reference/compression.md 2): the teacher
+Greedy agreement (the MiniPuzzle ranking signal, docs/compression.md 2.3): the teacher
 continues each held-out prompt greedily; ``greedy_agreement`` is the fraction of those
 tokens the student also ranks first when fed the teacher's continuation (teacher-forced,
 so one early divergence does not decide the rest), and ``greedy_prefix_match`` the mean
@@ -52,7 +52,7 @@ def next_token_hits(model: torch.nn.Module, input_ids: torch.Tensor, target_mask
 def forward_kl_to(teacher: torch.nn.Module):
     """A per-token loss function for ``evaluate_loss``: sum over targets of KL(teacher || student).
 
-    Forward KL at temperature 1, the distillation objective (reference/compression.md)."""
+    Forward KL at temperature 1, the distillation objective (docs/compression.md 3.1)."""
     teacher.eval()
 
     def kl_sum(student: torch.nn.Module, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:

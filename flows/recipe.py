@@ -235,19 +235,21 @@ def explain(recipe: BaseModel) -> str:
             lines.extend(textwrap.wrap(" ".join(text.split()), 100, initial_indent=indent + "    ",
                                        subsequent_indent=indent + "    "))
 
-    def walk(section: BaseModel, prefix: str, depth: int) -> None:
+    def walk(section: BaseModel, defaults: BaseModel | None, prefix: str, depth: int) -> None:
+        """``defaults``: what this section is when the recipe leaves it out (its parent field's
+        default: ``distill.train`` defaults to 100 steps, not TrainSpec's 200)."""
         indent = "  " * depth
         for name, info in type(section).model_fields.items():
             value, path = getattr(section, name), f"{prefix}{name}"
+            default = getattr(defaults, name) if defaults is not None else info.get_default(call_default_factory=True)
             if isinstance(value, BaseModel):
                 lines.append(f"{indent}{path}:")
                 describe(info.description or (type(value).__doc__ or "").strip().split("\n\n")[0], indent)
-                walk(value, f"{path}.", depth + 1)
+                walk(value, default if isinstance(default, BaseModel) else None, f"{path}.", depth + 1)
                 continue
-            default = info.get_default(call_default_factory=True)
             changed = default is not PydanticUndefined and shown(default) != shown(value)
             lines.append(f"{indent}{path} = {shown(value)}" + (f"   (default {shown(default)})" if changed else ""))
             describe(info.description, indent)
 
-    walk(recipe, "", 0)
+    walk(recipe, None, "", 0)
     return "\n".join(lines)

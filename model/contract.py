@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -193,10 +194,10 @@ def _source_file(module: str) -> Path | None:
 
 
 @cache
-def _read_module(module: str) -> tuple[str, frozenset[str]]:
-    """A project module's source and the project modules its import statements name, at any
-    depth in the file (imports inside functions count: they are code the module runs)."""
-    source = _source_file(module).read_text()
+def _read_module(module: str, path: Path) -> tuple[str, frozenset[str]]:
+    """A module's source and the project modules its import statements name, at any depth in
+    the file (imports inside functions count: they are code the module runs)."""
+    source = path.read_text()
     names = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -210,15 +211,19 @@ def _read_module(module: str) -> tuple[str, frozenset[str]]:
 @cache
 def code_version(module: str) -> str:
     """Digest of the source of ``module`` and of every project module it imports, directly or
-    not: editing any code a stage runs invalidates its cache, and no list of modules can drift."""
-    if _source_file(module) is None:
-        raise ValueError(f"{module} is not a module of this project ({', '.join(PROJECT_PACKAGES)})")
-    sources, todo = {}, [module]
+    not: editing any code a stage runs invalidates its cache, and no list of modules can drift.
+    ``module`` itself may live outside the project's packages (a stage a user adds elsewhere)."""
+    loaded = getattr(sys.modules.get(module), "__file__", None)
+    path = _source_file(module) or (Path(loaded) if loaded else None)
+    if path is None:
+        raise ValueError(f"{module} is neither a module of this project ({', '.join(PROJECT_PACKAGES)}) "
+                         "nor an imported module with a source file")
+    sources, todo = {}, [(module, path)]
     while todo:
-        name = todo.pop()
+        name, path = todo.pop()
         if name not in sources:
-            sources[name], imported = _read_module(name)
-            todo += sorted(imported)
+            sources[name], imported = _read_module(name, path)
+            todo += [(other, _source_file(other)) for other in sorted(imported)]
     sha = hashlib.sha256()
     for name in sorted(sources):
         sha.update(f"{name}\0{sources[name]}\0".encode())

@@ -1,6 +1,6 @@
 """Nemotron-H through transformers' native ``NemotronHConfig`` / ``NemotronHForCausalLM``.
 
-Presets carry the published shapes (reference/architectures.md, section 1.1) and tiny CPU
+Presets carry the published shapes (docs/architectures.md, section 1.1) and tiny CPU
 shapes. A preset plus per-field overrides gives a ``NemotronHConfig``; the model class is
 transformers' own, so every checkpoint the factory writes loads with plain
 ``AutoModelForCausalLM.from_pretrained``. On CUDA with ``mamba-ssm`` and ``causal-conv1d``
@@ -19,7 +19,7 @@ from transformers import NemotronHConfig, NemotronHForCausalLM
 
 PATTERN_TO_LAYER_TYPE = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 LAYER_TYPE_TO_PATTERN = {v: k for k, v in PATTERN_TO_LAYER_TYPE.items()}
-# transformers is mid-rename (reference/aesthetics.md): accept the legacy names too.
+# transformers is mid-rename (docs/architectures.md, section 1.3): accept the legacy names too.
 LAYER_TYPE_TO_PATTERN |= {"mamba": "M", "attention": "*"}
 
 _PATTERN_8B = "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"
@@ -29,7 +29,7 @@ _PATTERN_56B = (
 )
 _PATTERN_47B = "M-M-M-M-M-M-M-M-M*-M-M-M-M-M-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-M-M---MM---M-M*-M-M-M-M-M-"
 
-# Shared by every published Nemotron-H shape (architectures.md 1.1): no biases, RMSNorm 1e-5,
+# Shared by every published Nemotron-H shape (docs/architectures.md 1.1): no biases, RMSNorm 1e-5,
 # squared-ReLU FFN, conv kernel 4, chunk 128, NoPE GQA with head_dim 128.
 _PUBLISHED_COMMON = dict(
     vocab_size=131072,

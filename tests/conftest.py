@@ -1,4 +1,10 @@
-"""Shared fixtures: a small real-text corpus, micro recipes, and the factory CLI as a subprocess."""
+"""Shared fixtures: a small real-text corpus, micro recipes, the factory CLI as a subprocess, the
+servers the slow tier starts, and the rule that keeps the fast tier fast.
+
+Two tiers: ``make test-fast`` (``pytest -m "not slow"``) runs in-process code only; ``make test``
+runs everything. A test is slow when it starts a server (through a fixture in SERVER_FIXTURES:
+marked automatically) or a process (marked by hand; a fast test that starts one fails, saying so).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,33 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+SERVER_FIXTURES = {"s3_server", "s3_env", "mlflow_server", "server_store", "auth_s3", "served", "proxy", "harness",
+                   "prefect_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_process(request, monkeypatch):
+    """Outside the slow tier, starting a Python process (the factory CLI, torchrun, a server, the
+    SDG sandbox) fails the test with what to do. Short tools libraries call on their own
+    (``git describe`` for lineage, ``file`` in ``platform``) are let through."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    execute_child = subprocess.Popen._execute_child
+
+    def refuse(self, args, *rest, **kwargs):
+        program = Path(str(args[0] if isinstance(args, list | tuple) else args).split()[0]).name
+        if program.startswith("python") or program in ("unshare", "bwrap", Path(sys.executable).name):
+            raise AssertionError(f"{request.node.nodeid} starts a process ({program}): mark it @pytest.mark.slow")
+        return execute_child(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
 
 # A recipe small enough for a test: the `micro` preset (every layer type, 4 Mamba groups),
 # 64-token sequences, a 512-token BPE, a handful of steps.

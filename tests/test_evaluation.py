@@ -401,6 +401,7 @@ def test_evaluate_stage_reports_gates_and_measures_each_model_once(tmp_path, mic
     assert "cache_bytes_ratio" in again.gates["student-run"].reasons[0]
 
 
+@pytest.mark.slow  # a `factory` subprocess
 def test_factory_evaluate_model_command(tmp_path, teacher_dir, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # see one_torch_thread
     out = tmp_path / "report"

@@ -135,6 +135,7 @@ def test_unchanged_rerun_is_cached_and_a_distill_change_recomputes_only_what_fol
     assert len(_versions("micro")) == 2  # a new student, a new version
 
 
+@pytest.mark.slow  # `factory run` subprocesses, killed and run again
 def test_kill_during_distillation_then_rerun_resumes_and_registers_once(corpus_dir, tmp_path):
     env = dict(os.environ, FACTORY_ARTIFACT_ROOT=str(tmp_path / "artifacts"), PREFECT_HOME=str(tmp_path / "prefect"),
                MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -258,6 +259,7 @@ def test_a_served_deployment_killed_mid_run_and_retried_from_the_ui_resumes(corp
     assert len(rows) == 1 and rows[0]["version"] == "1" and "champion" in rows[0]["aliases"], rows
 
 
+@pytest.mark.slow  # a `factory run` subprocess and its server
 def test_the_ephemeral_prefect_server_yields_to_training_and_dies_with_a_killed_factory_run(corpus_dir, tmp_path):
     """The ephemeral server runs in the SCHED_IDLE class (the training keeps both cores), and
     ``kill -9`` of ``factory run`` alone (not its process group) must not leave it running."""

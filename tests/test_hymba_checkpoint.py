@@ -58,6 +58,7 @@ def load_in_fresh_process(folder, mode: str, cwd) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a fresh loader process
 def test_save_load_round_trip_in_a_fresh_process(tmp_path):
     torch.manual_seed(0)
     net = HymbaForCausalLM(build_config("micro", {"initializer_range": 0.1})).eval()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -23,6 +24,7 @@ DISTILL = {"train": {"steps": 30, "batch_size": 8, "micro_batch_size": 4, "lr": 
                      "checkpoint_every": 10, "keep_checkpoints": 5, "eval_every": 30, "eval_batches": 2}}
 
 
+@pytest.mark.slow  # `factory` subprocesses, one killed
 def test_distill_resumes_after_sigkill_to_the_same_weights(corpus_dir, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(corpus_dir, compress=COMPRESS, distill=DISTILL))
     root = tmp_path / "artifacts"
@@ -55,6 +57,7 @@ def test_distill_resumes_after_sigkill_to_the_same_weights(corpus_dir, tmp_path)
         assert torch.equal(tensor, again[name]), name
 
 
+@pytest.mark.slow  # `factory` subprocesses
 def test_a_second_run_computes_nothing(corpus_dir, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(corpus_dir, compress=COMPRESS))
     root = tmp_path / "artifacts"

@@ -95,7 +95,7 @@ def test_removing_query_heads_equals_zeroing_their_o_proj_columns(net, input_ids
 
 
 def reference_mamba2(mixer, config, hidden, heads, channels):
-    """Mamba-2 by its recurrence (reference/architectures.md 3.1) on the kept heads and channels
+    """Mamba-2 by its recurrence (docs/architectures.md 3.1) on the kept heads and channels
     of an unpruned mixer: every head reads B/C of its *original* group, the gated RMSNorm runs
     over each original group's kept channels. hidden: (B, L, hidden) -> (B, L, hidden)."""
     H, P, G, N = config.mamba_num_heads, config.mamba_head_dim, config.n_groups, config.ssm_state_size
@@ -216,6 +216,7 @@ def test_a_model_that_is_not_nemotron_h_is_rejected(tmp_path, capsys):
     assert code == 2 and "not a Nemotron-H model" in err
 
 
+@pytest.mark.slow  # a fresh loader process
 def test_pruned_folder_loads_in_a_fresh_process_and_generates(net, tmp_path):
     from compression.prune import prune_checkpoint
     from model.tokenizer import train_bpe

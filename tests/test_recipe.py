@@ -16,6 +16,7 @@ def test_shipped_recipes_are_valid(recipe):
     load_recipe(recipe)
 
 
+@pytest.mark.slow  # a `factory` subprocess
 def test_validate_prints_resolved_summary(tmp_path):
     result = run_factory("validate", "recipes/tiny.yaml", root=tmp_path)
     assert "recipe tiny: valid" in result.stdout
@@ -47,6 +48,7 @@ def test_bad_value_is_reported_with_its_path(corpus_dir, change, path):
     assert path in [p for p, _ in info.value.problems], info.value.problems
 
 
+@pytest.mark.slow  # `factory` subprocesses
 def test_every_bad_field_is_listed_and_cli_exits_2_without_traceback(corpus_dir, tmp_path):
     bad = recipe_dict(corpus_dir, train={"steps": 0, "lr": -1.0}, model={"preset": "huge"},
                       data={"source": str(tmp_path / "missing")})
@@ -57,6 +59,7 @@ def test_every_bad_field_is_listed_and_cli_exits_2_without_traceback(corpus_dir,
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # `factory` subprocesses
 def test_not_yaml_and_missing_file(tmp_path):
     (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
@@ -68,7 +71,7 @@ def test_not_yaml_and_missing_file(tmp_path):
 def test_published_presets_have_published_sizes():
     from model.nemotron_h import build_config, parameters_by_kind
 
-    # reference/architectures.md: 8B -> 8.10B, 4B -> 4.49B, 56B -> 56.3B, 47B -> 46.8B
+    # docs/architectures.md 1.1: 8B -> 8.10B, 4B -> 4.49B, 56B -> 56.3B, 47B -> 46.8B
     expected = {"nemotron-h-8b": 8.10e9, "nemotron-h-4b": 4.49e9, "nemotron-h-56b": 56.3e9, "nemotron-h-47b": 46.8e9}
     for preset, size in expected.items():
         total = sum(parameters_by_kind(build_config(preset)).values())

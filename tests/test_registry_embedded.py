@@ -104,6 +104,7 @@ def test_parent_and_stage_runs_hold_recipe_metrics_data_and_system_metrics(embed
     assert not (embedded.parent / "mlruns").exists()
 
 
+@pytest.mark.slow  # a `factory` subprocess
 def test_register_and_resolve_without_a_server(embedded, corpus_dir, tmp_path, capsys):
     tokenizer_dir = tmp_path / "tok"
     train_bpe([p.read_text() for p in sorted(corpus_dir.glob("*.txt"))[:8]], 512).save_pretrained(tokenizer_dir)

@@ -125,6 +125,7 @@ def test_math_answers(response, truth, expected):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the sandbox's processes
 def test_code_that_passes_or_fails_its_tests():
     solution = "```python\ndef double(x):\n    return 2 * x\n```"
     assert verify_code(solution, "assert double(3) == 6").passed
@@ -133,6 +134,7 @@ def test_code_that_passes_or_fails_its_tests():
     assert not verify_code("```python\ndef broken(:\n```").passed
 
 
+@pytest.mark.slow  # the sandbox's processes
 def test_infinite_loop_is_stopped():
     start = time.monotonic()
     result = run_code("while True:\n    pass", timeout_s=1.0)
@@ -140,6 +142,7 @@ def test_infinite_loop_is_stopped():
     assert result.timed_out and not result.passed
 
 
+@pytest.mark.slow  # the sandbox's processes
 def test_sleeping_child_processes_do_not_outlive_the_timeout():
     result = run_code("import time\ntime.sleep(60)", timeout_s=0.5)
     assert result.timed_out and result.seconds < 5
@@ -161,6 +164,7 @@ def _assert_nobody_connected(server):
         server.accept()
 
 
+@pytest.mark.slow  # the sandbox's processes
 @pytest.mark.parametrize("namespace", ["off", "auto"])
 def test_socket_open_is_stopped(listener, namespace):
     port = listener.getsockname()[1]
@@ -175,6 +179,7 @@ def test_socket_open_is_stopped(listener, namespace):
     _assert_nobody_connected(listener)
 
 
+@pytest.mark.slow  # the sandbox's processes
 @pytest.mark.skipif(not network_namespace_available(), reason="`unshare -rn` does not work here")
 def test_network_namespace_stops_sockets_made_past_the_audit_hook(listener):
     """With a namespace, ctypes is allowed (numpy needs it); libc's own socket() and
@@ -192,6 +197,7 @@ def test_network_namespace_stops_sockets_made_past_the_audit_hook(listener):
     assert run_code("import numpy", network_namespace="on").passed
 
 
+@pytest.mark.slow  # the sandbox's processes
 def test_memory_processes_and_ctypes_are_limited():
     big = run_code("x = bytearray(1024 * 1024 * 1024)", memory_mb=256)
     assert not big.passed and "MemoryError" in big.stderr
@@ -203,6 +209,7 @@ def test_memory_processes_and_ctypes_are_limited():
     assert not ctypes_off.passed and "ctypes" in ctypes_off.stderr
 
 
+@pytest.mark.slow  # the sandbox's processes
 def test_sandbox_sees_no_secrets(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-leak")
     result = run_code("import os\nprint(sorted(os.environ))")

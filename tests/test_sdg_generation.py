@@ -210,6 +210,7 @@ def full_spec(generator_dir, reward_dir, problem_files, corpus_dir) -> SDGSpec:
     )
 
 
+@pytest.mark.slow  # the sandbox runs the code problems' tests
 def test_sdg_end_to_end_gives_scored_datasets_usable_as_a_data_source(tmp_path, generator_dir, reward_dir,
                                                                       problem_files, corpus_dir, monkeypatch):
     store = LocalStore(tmp_path / "store")
@@ -292,6 +293,7 @@ def _complete_keys(folder: Path) -> set[str]:
     return keys
 
 
+@pytest.mark.slow  # an SDG subprocess, killed
 def test_a_killed_run_resumes_generating_only_the_missing_records(tmp_path, generator_dir):
     spec = small_spec(generator_dir, generator={"model": str(generator_dir), "max_new_tokens": 16,
                                                 "temperature": 1.0, "batch_size": 1},

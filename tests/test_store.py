@@ -371,6 +371,7 @@ THROTTLED = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * 
                            max_bandwidth=16 * MiB)
 
 
+@pytest.mark.slow  # an S3 server, killed and restarted
 def test_server_killed_mid_upload_then_restarted(tmp_path, monkeypatch):
     server = MotoServer(tmp_path)
     server.start()
@@ -410,6 +411,7 @@ def test_server_killed_mid_upload_then_restarted(tmp_path, monkeypatch):
         server.stop()
 
 
+@pytest.mark.slow  # an S3 server, frozen
 def test_server_frozen_mid_upload_leaves_no_manifest_and_retry_completes(tmp_path, monkeypatch):
     server = MotoServer(tmp_path)
     server.start()

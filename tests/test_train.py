@@ -47,6 +47,7 @@ def test_lr_schedules():
     assert lr_factor(90, wsd) == pytest.approx(0.5) and lr_factor(100, wsd) == pytest.approx(0.0)
 
 
+@pytest.mark.slow  # a fresh loader process
 def test_training_decreases_loss_and_output_loads_with_plain_transformers(micro_data, tmp_path):
     spec = PretrainSpec(model=ModelSpec(preset="micro"),
                         train=TrainSpec(steps=12, batch_size=8, micro_batch_size=4, lr=1e-2, warmup_steps=2,
@@ -82,6 +83,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(next(Path(folder).rglob("model.safetensors"))))
 
 
+@pytest.mark.slow  # a training subprocess, killed
 def test_resume_after_sigkill_reaches_the_same_weights(corpus_dir, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(
         corpus_dir, train={"steps": 40, "checkpoint_every": 10, "keep_checkpoints": 5, "eval_every": 20}))
@@ -164,6 +166,7 @@ def _losses(ref) -> list[float]:
     return [r["loss"] for r in json.loads((Path(ref.uri) / "training_history.json").read_text())["history"]]
 
 
+@pytest.mark.slow  # torchrun with 2 processes
 def test_two_gloo_processes_follow_the_single_process_curve_replicated_or_sharded(micro_data, tmp_path, capfd):
     _, one = _short_run(micro_data, tmp_path / "one", 1)  # one process, 2 micro-batches of 4
     ddp_model, ddp = _short_run(micro_data, tmp_path / "ddp", 2)  # two processes, 1 micro-batch of 4 each
@@ -195,6 +198,7 @@ def test_two_gloo_processes_follow_the_single_process_curve_replicated_or_sharde
         torch.testing.assert_close(tensor, sharded[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow  # torchrun with 2 processes
 def test_fsdp_distillation_shards_student_and_teacher_and_follows_one_process(micro_data, tmp_path):
     from compression import distill_stage, importance_stage, prune_stage
     from compression.spec import DistillSpec, ImportanceSpec, PruneTarget

@@ -35,7 +35,7 @@ HymbaConfig.register_for_auto_class()
 HymbaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 PRESETS: dict[str, dict] = {
-    # The published shape (architectures.md section 2.1) with Mamba-2 heads of the same width
+    # The published shape (docs/architectures.md, section 2.1) with Mamba-2 heads of the same width
     # (d_inner 3200 = 50 heads x 64, state 16) in 5 groups; globals [0, 15, 31] and the
     # published KV groups are the config's defaults for 32 layers. ~1.5B parameters.
     "hymba-1.5b": dict(

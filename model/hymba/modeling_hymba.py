@@ -82,7 +82,7 @@ def fused_kernels() -> dict:
 
 
 # --------------------------------------------------------------------------------------
-# Mamba-2 SSD: the chunked scan and the recurrence (architectures.md section 3)
+# Mamba-2 SSD: the chunked scan and the recurrence (docs/architectures.md, section 3)
 # --------------------------------------------------------------------------------------
 
 
