@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,6 +136,35 @@ def test_unchanged_rerun_is_cached_and_a_distill_change_recomputes_only_what_fol
     assert len(_versions("micro")) == 2  # a new student, a new version
 
 
+def test_a_stage_written_elsewhere_runs_as_a_cached_prefect_task(corpus_dir, flow_env, harness):
+    """tests/toy_stage.py plugged in with one line (tests/test_contract.py: compose_with_toy) gets
+    a Prefect task of its own, cached on its key like every stage: no task or flow code changes."""
+    from prefect import flow
+
+    from flows.factory import PrefectRunner
+    from flows.pipeline import context_for
+    from flows.recipe import load_recipe
+    from store import open_store
+
+    from .test_contract import compose_with_toy
+
+    @flow(name="toy-factory")
+    def toy_factory(path: str) -> dict:
+        recipe = load_recipe(path)
+        return compose_with_toy(recipe, PrefectRunner(open_store(), context_for(recipe)))
+
+    base, _ = flow_env
+    recipe = write_recipe(base / "micro.yaml", recipe_dict(corpus_dir, **FLOW_SECTIONS))
+    states = []
+    for _ in range(2):
+        state = toy_factory(str(recipe), return_state=True)
+        assert state.is_completed(), state
+        states.append(_task_states(state.state_details.flow_run_id))
+    assert states[0]["toy"] == "Completed" and states[1]["toy"] == "Cached", states
+    assert states[1]["data"] == states[1]["pretrain"] == "Cached", states
+    assert state.result()["toy"].metadata["parameters"] == state.result()["teacher"].architecture.parameters
+
+
 @pytest.mark.slow  # `factory run` subprocesses, killed and run again
 def test_kill_during_distillation_then_rerun_resumes_and_registers_once(corpus_dir, tmp_path):
     env = dict(os.environ, FACTORY_ARTIFACT_ROOT=str(tmp_path / "artifacts"), PREFECT_HOME=str(tmp_path / "prefect"),
@@ -158,6 +188,19 @@ def test_kill_during_distillation_then_rerun_resumes_and_registers_once(corpus_d
     assert child.wait() == -signal.SIGKILL
     assert not list(root.glob("distill/*/model/model.safetensors"))
 
+    # The plan says what a re-run will do, and why, without starting anything.
+    plan = subprocess.run([*command[:-1], "--plan", str(recipe)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    steps = {name: (stage, status, reason) for name, stage, status, reason in  # the lines after the summary
+             (re.split(r"\s{2,}", line, maxsplit=3) for line in plan.stdout.strip().split("\n\n")[-1].splitlines())}
+    for name, stage in (("data", "data"), ("teacher", "pretrain"), ("scores", "importance"), ("student", "prune")):
+        assert steps[name][:2] == (stage, "cached"), steps
+    assert steps["distilled"][:2] == ("distill", "to run") and steps["distilled"][2].startswith("no stored result")
+    assert steps["evaluation"] == ("evaluate", "to run", "after distill")
+    assert steps["teacher_version"][:2] == ("register", "to run")  # never cached: registration is idempotent
+    assert steps["student_version"] == ("register", "to run", "after distill, evaluate")
+
     rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     log = rerun.stdout + rerun.stderr
@@ -165,6 +208,14 @@ def test_kill_during_distillation_then_rerun_resumes_and_registers_once(corpus_d
         assert f"Task run '{stage}-" in log and "Cached" in log
     assert "resuming distill micro from" in log
     assert rerun.stdout.strip().splitlines()[-1] == "models:/micro/1"
+
+    # Everything stored now: a third run starts no Prefect server, runs no flow, registers nothing new.
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "every stage is stored" in again.stderr and "Flow run" not in again.stdout + again.stderr
+    assert "Starting temporary server" not in again.stdout + again.stderr
+    table = lambda out: out.strip().splitlines()[-8:]  # noqa: E731  the table, the gate, the report, the URI
+    assert table(again.stdout) == table(rerun.stdout)
 
     check = subprocess.run([sys.executable, "-m", "flows.cli", "models", "list", "--json"], cwd=REPO, env=env,
                            capture_output=True, text=True)
