@@ -32,11 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.architectures import format_parameters  # noqa: E402
+from model.device import DevicePolicy  # noqa: E402
 from model.efficiency import (  # noqa: E402
     measure_point,
     prefill_and_decode,
     profile_decode,
-    resolve_device,
     resolve_dtype,
 )
 from model.nemotron_h import NemotronHForCausalLM, build_config, summarize  # noqa: E402
@@ -89,7 +89,7 @@ def main() -> None:
         args.batch_sizes, args.context_lengths = [1, 4], [128, 256]
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device("auto")
+    device = DevicePolicy.from_environment().resolve()
     dtype = resolve_dtype("auto", device)
     print(f"device {device}, {dtype}, {torch.get_num_threads()} threads; "
           f"batches {args.batch_sizes}, contexts {args.context_lengths}, {args.decode_tokens} decode tokens", flush=True)

@@ -1,1 +1,2 @@
-"""Compression (Minitron-SSM / MiniPuzzle): importance, pruning, search, distillation. No Prefect, no MLflow."""
+"""Compression (Minitron-SSM / MiniPuzzle): importance, pruning, search, distillation, each with
+its stage (``*_stage.py``). No Prefect, no MLflow."""

@@ -1,7 +1,7 @@
 """The promotion gate: headline metrics, ratios to the teacher, and pass/fail with reasons.
 
 A model's evaluation result is a nested dict (quality, tasks, recall, efficiency; see
-``evaluation/stage.py``). ``headline`` flattens what a gate or a chart needs into
+``evaluation/evaluate.py``). ``headline`` flattens what a gate or a chart needs into
 scalars; ``relative_to_teacher`` divides a candidate's numbers by the teacher's at the same
 (batch, context) points; ``apply_gate`` checks every threshold the recipe sets. A
 threshold that cannot be checked (no teacher, a section not run) fails, saying why: a gate

@@ -1,1 +1,1 @@
-"""Prefect flows and the `factory` command line."""
+"""The recipe, the stage sequence and its runners, the Prefect flows, the ``factory`` command line."""

@@ -19,7 +19,7 @@ shared K/V, meta tokens) are not modelled here (``layer_types`` returns None).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0, "fp4": 0.5}
 
@@ -47,10 +47,6 @@ class InferenceMemory:
     @property
     def total(self) -> float:
         return self.weights + self.cache
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self) | {"cache": self.cache, "total": self.total}
-
 
 ATTENTION_ONLY_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo2"}
 _LEGACY = {"attention": "full_attention", "mamba": "linear_attention"}

@@ -39,14 +39,6 @@ _CACHE_KINDS = {"keys": "attention_kv", "values": "attention_kv", "key_cache": "
                 "ssm_states": "ssm_state", "conv_state": "conv_state", "ssm_state": "ssm_state"}  # + model/hymba
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("efficiency.device is 'cuda' but torch sees no CUDA device")
-    return torch.device(device)
-
-
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -1,1 +1,2 @@
-"""Artifact store and MLflow tracking / model registry."""
+"""MLflow: tracking, the model registry, secret scrubbing, and the register stage. (The artifact
+store is ``store/``.)"""

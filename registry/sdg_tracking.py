@@ -2,7 +2,7 @@
 flow calls them inside the stage's nested run).
 
     with tracking.stage_run(parent_run_id, "sdg") as stage_id:
-        ref = run_sdg(recipe.sdg, inputs, store, recipe.name)
+        ref = sdg_stage.run(recipe.sdg, inputs, store, StageContext(recipe.name))
         log_sdg_output(stage_id, ref, recipe_digest=json_digest(recipe))
 
 MLflow records datasets as run inputs only, so each published file (``sft.parquet``,
@@ -48,7 +48,7 @@ def _dataset_files(ref: ArtifactRef) -> dict[str, dict]:
 
 
 def log_sdg_output(run_id: str, ref: ArtifactRef, recipe_digest: str = "") -> None:
-    """Log ``run_sdg``'s result on ``run_id``: datasets with lineage, tags, counts, the ref."""
+    """Log the sdg stage's result on ``run_id``: datasets with lineage, tags, counts, the ref."""
     from mlflow.entities import Dataset, DatasetInput, InputTag, RunTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 

@@ -4,7 +4,7 @@
     run_id = start_factory_run(recipe)                 one parent run: the resolved recipe as params, tags
     with stage_run(run_id, "pretrain") as stage_id:    a nested run per stage, with system metrics
         log_data_ref(stage_id, data_ref)               the dataset as a run input, with its digest
-        run_pretrain(spec, inputs, store, callbacks=(metrics_callback(stage_id),))
+        pretrain_stage.run(spec, inputs, store, StageContext(on_step=(metrics_callback(stage_id),)))
         log_model_ref(stage_id, model_ref)             the checkpoint's digest, size and final metrics
         log_report(stage_id, report); log_files(stage_id, [plot])
     finish_run(run_id)

@@ -1,1 +1,1 @@
-"""Synthetic data generation (Nemotron-4 340B style). No Prefect."""
+"""Synthetic data generation (Nemotron-4 340B style) and its stage (``sdg_stage.py``). No Prefect."""

@@ -10,7 +10,7 @@ Curator's ``NemotronGenerator`` templates).
                user, writes a follow-up: User / Assistant / User
 
 Every function takes ``ask(step, prompts, samples=None) -> texts``, which generates only
-what the step's shards do not hold yet (sdg/stage.py), and returns prompt records:
+what the step's shards do not hold yet (sdg/pipeline.py), and returns prompt records:
 
     {"id": content hash, "kind": "open_qa", "messages": [{"role": "user", "content": ...}],
      "meta": {...}, "answer": ... (math ground truth), "tests": ... (code), "constraints": [...] (IF)}

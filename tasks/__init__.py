@@ -1,1 +1,2 @@
-"""Prefect tasks: thin wrappers over model/, compression/, sdg/ and registry/."""
+"""Prefect: the one generic task every stage runs as, its cache and retry policies, and what the
+Prefect UI shows."""
