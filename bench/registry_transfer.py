@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=64, help="size of each file")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--endpoint", help="an S3 endpoint (default: start moto on 127.0.0.1)")
+    parser.add_argument("--out", default="bench/results/registry_transfer.json")
     args = parser.parse_args()
 
     moto = None
@@ -106,6 +107,8 @@ def main() -> None:
                 "republish_over_publish": round(median["republish"] / median["publish"], 3),
             }
             print(json.dumps(report, indent=1))
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     finally:
         if moto is not None:
             moto.terminate()

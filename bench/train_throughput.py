@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tracking", action="store_true", help="also split MLflow, Prefect server and progress costs")
+    parser.add_argument("--out", default="bench/results/train_throughput.json")
     args = parser.parse_args()
     if args.tracking:
         work = Path(tempfile.mkdtemp(prefix="factory-bench-tracking-"))
@@ -181,6 +182,8 @@ def main() -> None:
             100 * (median["factory+server"] - median["progress"]) / median["factory+server"], 2)
     report["runs"] = {name: [round(v) for v in runs] for name, runs in results.items()}
     print(json.dumps(report, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
