@@ -45,9 +45,12 @@ UNTIL = {"pretrain": "teacher", "compress": "student", "distill": "distilled", "
 
 def context_for(recipe: Recipe, parent_run: str | None = None) -> StageContext:
     """The context of every stage of a recipe's run: its name and digest, the tracking run, and
-    this worker's device policy (``FACTORY_DEVICE``)."""
+    this worker's device policy (``FACTORY_DEVICE``), checked now: a worker told to use CUDA
+    that has none fails before any stage starts."""
+    device = DevicePolicy.from_environment()
+    device.choose()
     return StageContext(recipe_name=recipe.name, recipe_digest=json_digest(recipe), parent_run=parent_run,
-                        device=DevicePolicy.from_environment())
+                        device=device)
 
 
 def resolve_start_from(uri: str, store: ArtifactStore) -> Path:
