@@ -53,8 +53,9 @@ class Recipe(BaseModel):
     train: TrainSpec = Field(TrainSpec(), description="The pretraining loop; not used with `start_from`.")
     start_from: str | None = Field(
         None,
-        description="A teacher to compress instead of pretraining one: a checkpoint folder, `models:/NAME@ALIAS` "
-                    "or `hf:ORG/NAME`; its tokenizer replaces the tokenizer section. Null pretrains the teacher.",
+        description="A teacher to compress instead of pretraining one: a checkpoint folder, `models:/NAME@ALIAS`, "
+                    "`s3://...` (a checkpoint published by the factory's artifact store) or `hf:ORG/NAME`; its "
+                    "tokenizer replaces the tokenizer section. Null pretrains the teacher.",
     )
     compress: CompressSpec | None = Field(
         None,
@@ -78,7 +79,7 @@ class Recipe(BaseModel):
     @field_validator("start_from")
     @classmethod
     def _teacher_exists(cls, start_from: str | None) -> str | None:
-        if start_from is None or start_from.startswith(("models:/", "hf:")):
+        if start_from is None or start_from.startswith(("models:/", "hf:", "s3://")):  # resolved when the run starts
             return start_from
         if not (Path(start_from).expanduser() / "config.json").is_file():
             raise ValueError(f"no checkpoint (config.json) at {start_from}")

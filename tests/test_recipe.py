@@ -120,3 +120,10 @@ def test_compressing_a_family_that_pruning_does_not_cover_is_refused(corpus_dir)
                                  compress={"target": {"hidden_size": 32}}))
     assert [p for p, _ in info.value.problems] == ["compress"]
     assert "hymba" in info.value.problems[0][1]
+
+
+def test_start_from_takes_the_forms_the_run_resolves_and_names_a_missing_folder(corpus_dir, tmp_path):
+    for uri in ("models:/parent@champion", "s3://bucket/prefix/pretrain/parent/model", "hf:org/name"):
+        assert parse_recipe(recipe_dict(corpus_dir, start_from=uri)).start_from == uri
+    with pytest.raises(RecipeError, match=r"start_from: no checkpoint \(config.json\) at"):
+        parse_recipe(recipe_dict(corpus_dir, start_from=str(tmp_path / "nowhere")))
