@@ -57,10 +57,8 @@ def run(spec: DistillSpec, inputs: dict, store: ArtifactStore, context: StageCon
                   "student_dir": str(student_dir), "teacher_dir": str(teacher_dir),
                   "data_dir": str(store.fetch(data.uri)), "work_dir": str(work),
                   "description": f"distill {context.recipe_name}"}
-        if train.num_processes > 1 and not distributed.under_torchrun():
-            distributed.launch_workers(__name__, launch, train.num_processes, work)
-        else:
-            distill_and_save(launch, context.training_callbacks(train.steps))
+        distributed.run_training(__name__, launch, train.num_processes, work,
+                                 lambda here: distill_and_save(here, context.training_callbacks(train.steps)))
         out = work / MODEL_DIR
         return Output(out, {"architecture": ArchSummary(**summarize_folder(out)), "metrics": read_history(out)["metrics"]})
 

@@ -95,3 +95,13 @@ def launch_workers(module: str, launch: dict, num_processes: int, work_dir: Path
                f"--nproc_per_node={num_processes}", "-m", module, str(launch_file)]
     print("launching:", " ".join(command), file=sys.stderr)
     subprocess.run(command, check=True)
+
+
+def run_training(module: str, launch: dict, num_processes: int, work_dir: Path, here) -> None:
+    """Run what a launch record describes: ``here(launch)`` in this process, or, with more than
+    one process and not already under torchrun, ``python -m module LAUNCH`` in ``num_processes``
+    torchrun workers (each runs the module's ``__main__``), and wait."""
+    if num_processes > 1 and not under_torchrun():
+        launch_workers(module, launch, num_processes, work_dir)
+    else:
+        here(launch)

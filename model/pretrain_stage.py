@@ -61,10 +61,8 @@ def run(spec: PretrainSpec, inputs: dict, store: ArtifactStore, context: StageCo
         launch = {"spec": spec.model_copy(update={"train": train}).model_dump(mode="json"),
                   "data_dir": str(store.fetch(data.uri)), "tokenizer_dir": str(tokenizer_dir), "work_dir": str(work),
                   "description": f"pretrain {context.recipe_name}"}
-        if train.num_processes > 1 and not distributed.under_torchrun():
-            distributed.launch_workers(__name__, launch, train.num_processes, work)
-        else:
-            train_and_save(launch, context.training_callbacks(train.steps))
+        distributed.run_training(__name__, launch, train.num_processes, work,
+                                 lambda here: train_and_save(here, context.training_callbacks(train.steps)))
         return Output(work / MODEL_DIR, {"architecture": architecture, "metrics": read_history(work / MODEL_DIR)["metrics"]})
 
     label = f"{context.recipe_name}-{spec.model.family}-{format_parameters(architecture.parameters)}"
