@@ -187,12 +187,20 @@ SHARD_TOKENS = 1 << 26  # 64M tokens (128 MiB as uint16) per shard file
 META_NAME = "meta.json"
 
 
-def pack_split(token_lists, eos_id: int, pad_id: int, seq_len: int, out_dir: Path, split: str) -> dict:
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned type that holds every id of a ``vocab_size``-entry vocabulary:
+    uint16 up to 65,536 entries, uint32 beyond (Nemotron-H's 131,072)."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def pack_split(token_lists, vocab_size: int, eos_id: int, pad_id: int, seq_len: int, out_dir: Path,
+               split: str) -> dict:
     """Write ``[doc, EOS, doc, EOS, ...]`` as rows of ``seq_len`` tokens into shard files.
 
-    ``token_lists`` yields one list of ids per document. Returns the split's metadata.
+    ``token_lists`` yields one list of ids per document, each id below ``vocab_size`` (the
+    tokenizer's length, special tokens included). Returns the split's metadata.
     """
-    dtype = np.uint16 if max(eos_id, pad_id) < 2**16 else np.uint32
+    dtype = token_dtype(vocab_size)
     shard_size = max(1, SHARD_TOKENS // seq_len) * seq_len
     shards, pending, pending_len, real_tokens = [], [], 0, 0
 

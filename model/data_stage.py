@@ -79,7 +79,8 @@ def run(spec: DataStageSpec, inputs: dict, store: ArtifactStore, context: StageC
                     if is_validation(d, data.validation_fraction) == (split == "validation"))
             docs = tqdm(docs, desc=f"tokenize {split}", unit=" docs", leave=False, disable=not sys.stderr.isatty())
             token_lists = (tokenizer(d.text, add_special_tokens=False)["input_ids"] for d in docs)
-            splits[split] = pack_split(token_lists, tokenizer.eos_token_id, tokenizer.pad_token_id, data.seq_len, work, split)
+            splits[split] = pack_split(token_lists, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                       data.seq_len, work, split)
             if splits[split]["rows"] == 0:
                 raise ValueError(f"the {split} split of {data.source} is empty: add documents or change "
                                  f"data.validation_fraction ({data.validation_fraction})")

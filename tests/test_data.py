@@ -144,3 +144,34 @@ def test_s3_prefix_source(s3_env, tmp_path):
     before = open_source(spec).fingerprint()
     s3.put_object(Bucket="corpus", Key="text/a.txt", Body=b"changed")
     assert open_source(spec).fingerprint() != before
+
+
+def test_a_vocabulary_past_65536_entries_keeps_every_id(tmp_path):
+    """Nemotron-H's 131,072-token vocabulary: ids above 65,535 must survive packing exactly
+    (uint16 shards would raise on numpy 2 and wrap on numpy 1)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3} | {f"w{i}": i + 4 for i in range(70_000)}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=word_level, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                            unk_token="<unk>").save_pretrained(tmp_path / "tokenizer")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    documents = [" ".join(f"w{(d * 7919 + j * 104_729) % 70_000}" for j in range(50)) for d in range(40)]
+    for d, text in enumerate(documents):
+        (corpus / f"doc{d}.txt").write_text(text)
+
+    spec = DataSpec(source=str(corpus), seq_len=32, validation_fraction=0.1)
+    ref = prepare_data(spec, TokenizerSpec(path=str(tmp_path / "tokenizer")), LocalStore(tmp_path / "store"))
+    tokenizer = load_tokenizer(ref.tokenizer_uri)
+    assert len(tokenizer) > 2**16
+    expected = []
+    for doc in iter_documents(spec, open_source(spec)):
+        if not is_validation(doc, spec.validation_fraction):
+            expected += tokenizer(doc.text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert max(expected) > 2**16
+    train = PackedTokens(ref.uri, "train")
+    ids, valid = train.batch(range(len(train)))
+    assert ids[valid].tolist() == expected
