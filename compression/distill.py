@@ -6,18 +6,25 @@ The loss per target position (Minitron / Minitron-SSM: logit-only forward KL, T 
 
 The T^2 factor (Hinton et al.) keeps gradient magnitudes comparable across temperatures,
 so T = 1 is the plain forward KL. Options: ``top_k`` keeps the teacher's k largest logits
-(its distribution renormalized over them, the student's log-probabilities read at the same
-ids), ``ce_weight`` adds next-token cross entropy, ``cosine_weight`` adds 1 - cos between a
-depth-pruned student's block outputs and those of the teacher blocks they came from.
+(its distribution renormalized over them; the student's log-probabilities read at the same
+ids from its full distribution, or, with ``top_k_student: renormalized``, renormalized over
+those k ids too), ``ce_weight`` adds next-token cross entropy, ``cosine_weight`` adds 1 - cos
+between a depth-pruned student's block outputs and those of the teacher blocks they came
+from (compared on the hidden channels the student kept, when its hidden size was pruned).
 
-The teacher is frozen in eval mode and runs on the fly. Training reuses model/train.py: the
-same loop, checkpoints, resume, progress bar and DDP; only the loss differs. The stage around
-it (fetching, launching, publishing) is ``compression/distill_stage.py``.
+Neither model's (B, L, V) logits ever exist: both run to their final hidden states and the
+loss projects them through each head a chunk of positions at a time (``model/losses.py``).
+
+The teacher is frozen in eval mode, in the inference dtype (bfloat16 on CUDA), and runs on
+the fly. Training reuses model/train.py: the same loop, checkpoints, resume, progress bar and
+DDP/FSDP; only the loss differs. The stage around it (fetching, launching, publishing) is
+``compression/distill_stage.py``.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,22 +35,38 @@ from compression.spec import DistillSpec
 from model import distributed
 from model.contract import StepCallback
 from model.data import PackedTokens
+from model.device import inference_dtype
+from model.losses import CHUNK_TOKENS, chunked_token_sum, final_hidden, project, unwrap
 from model.tokenizer import tokenization_of
 from model.train import LossFn, train
 
 
 def kd_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-                 top_k: int | None = None) -> torch.Tensor:
-    """T^2 * KL(p_teacher || p_student) per position: (..., V) logits -> (...)."""
+                 top_k: int | None = None, renormalize_student: bool = False) -> torch.Tensor:
+    """T^2 * KL(p_teacher || p_student) per position: (..., V) logits -> (...).
+
+    ``top_k``: the teacher's k largest logits, renormalized; the student's log-probabilities at those
+    ids come from its full distribution, or with ``renormalize_student`` from one over the k ids."""
     t = teacher_logits.float() / temperature
     s = student_logits.float() / temperature
     if top_k is not None:
         t, ids = t.topk(top_k, dim=-1)
-        log_p_student = F.log_softmax(s, dim=-1).gather(-1, ids)
+        s = s.gather(-1, ids) if renormalize_student else s
+        log_p_student = F.log_softmax(s, dim=-1)
+        log_p_student = log_p_student if renormalize_student else log_p_student.gather(-1, ids)
     else:
         log_p_student = F.log_softmax(s, dim=-1)
     log_p_teacher = F.log_softmax(t, dim=-1)
     return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1) * temperature**2
+
+
+@dataclass(frozen=True)
+class BlockAlignment:
+    """Which teacher block each student block came from, and which teacher hidden channels the
+    student kept (None: all of them), from a pruned student's pruning.json."""
+
+    layers: dict[int, int]  # student layer -> teacher layer
+    hidden_channels: list[int] | None = None
 
 
 def _block_outputs(net, layers: list[int]):
@@ -56,36 +79,47 @@ def _block_outputs(net, layers: list[int]):
     return outputs, handles
 
 
-def make_kd_loss(teacher: torch.nn.Module, spec: DistillSpec, layer_map: dict[int, int] | None = None) -> LossFn:
+def make_kd_loss(teacher: torch.nn.Module, spec: DistillSpec, alignment: BlockAlignment | None = None,
+                 chunk_tokens: int = CHUNK_TOKENS) -> LossFn:
     """A LossFn for model/train.py: the summed distillation loss over the target positions.
 
-    ``layer_map`` maps student layer -> teacher layer for the cosine term."""
+    ``alignment`` pairs student and teacher blocks for the cosine term; the logits are computed
+    ``chunk_tokens`` positions at a time."""
     teacher.eval().requires_grad_(False)
-    layer_map = layer_map or {}
-    if spec.cosine_weight and not layer_map:
+    if spec.cosine_weight and not (alignment and alignment.layers):
         raise ValueError("distill.cosine_weight needs a depth-pruned student (pruning.json with kept_layers)")
+    cosine_layers = alignment.layers if spec.cosine_weight else {}
+    channels = alignment.hidden_channels if cosine_layers else None
+    renormalize = spec.top_k_student == "renormalized"
 
     def loss(student, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-        inner = student.module if hasattr(student, "module") else student  # unwrap DDP for hooks
-        cos_terms = spec.cosine_weight and layer_map
-        t_out, t_handles = _block_outputs(teacher, list(layer_map.values()) if cos_terms else [])
-        s_out, s_handles = _block_outputs(inner, list(layer_map) if cos_terms else [])
+        t_out, t_handles = _block_outputs(teacher, list(cosine_layers.values()))
+        s_out, s_handles = _block_outputs(unwrap(student), list(cosine_layers))
         try:
             with torch.no_grad():
-                teacher_logits = teacher(input_ids=input_ids).logits[:, :-1]
-            student_logits = student(input_ids=input_ids).logits[:, :-1]  # (B, L-1, V)
+                teacher_hidden, teacher_head = final_hidden(teacher, input_ids)  # (B, L, H_teacher)
+            student_hidden, student_head = final_hidden(student, input_ids)  # (B, L, H_student)
         finally:
             for handle in t_handles + s_handles:
                 handle.remove()
-        mask = target_mask.to(student_logits.dtype)  # (B, L-1)
-        total = (kd_per_token(student_logits, teacher_logits, spec.temperature, spec.top_k) * mask).sum()
-        if spec.ce_weight:
-            ce = F.cross_entropy(student_logits.flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none")
-            total = total + spec.ce_weight * (ce * mask.flatten()).sum()
-        if cos_terms:
-            for j, i in layer_map.items():
-                cos = F.cosine_similarity(s_out[j][:, :-1].float(), t_out[i][:, :-1].float(), dim=-1)  # (B, L-1)
-                total = total + spec.cosine_weight / len(layer_map) * ((1 - cos) * mask).sum()
+
+        def per_token(s_hidden, t_hidden, targets):  # (n, H_s), (n, H_t), (n,) -> (n,)
+            student_logits = project(student_head, s_hidden)  # (n, V) float32
+            with torch.no_grad():
+                teacher_logits = project(teacher_head, t_hidden)
+            value = kd_per_token(student_logits, teacher_logits, spec.temperature, spec.top_k, renormalize)
+            if spec.ce_weight:
+                value = value + spec.ce_weight * F.cross_entropy(student_logits, targets, reduction="none")
+            return value
+
+        mask = target_mask.flatten()  # (B * (L-1),)
+        total = chunked_token_sum(per_token, [student_hidden[:, :-1].flatten(0, 1),
+                                              teacher_hidden[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten()],
+                                 mask, chunk_tokens)
+        for j, i in cosine_layers.items():
+            teacher_block = t_out[i][:, :-1] if channels is None else t_out[i][:, :-1, channels]
+            cos = F.cosine_similarity(s_out[j][:, :-1].float(), teacher_block.float(), dim=-1)  # (B, L-1)
+            total = total + spec.cosine_weight / len(cosine_layers) * ((1 - cos) * target_mask).sum()
         return total
 
     return loss
@@ -105,23 +139,24 @@ def check_compatible(teacher_dir: Path, student_dir: Path) -> None:
                          f"{student_dir}/tokenizer.json): distillation needs the same token ids")
 
 
-def depth_layer_map(student_dir: Path) -> dict[int, int]:
-    """Student layer -> the teacher layer it was cut from, from the student's pruning.json."""
+def block_alignment(student_dir: Path) -> BlockAlignment | None:
+    """The student's blocks and hidden channels as cut from the teacher, from its pruning.json
+    (None for a student that was not pruned by the factory)."""
     record = Path(student_dir) / PRUNING_FILE
     if not record.is_file():
-        return {}
-    kept = json.loads(record.read_text()).get("kept_layers", [])
-    return dict(enumerate(kept))
+        return None
+    pruning = json.loads(record.read_text())
+    return BlockAlignment(dict(enumerate(pruning.get("kept_layers", []))), pruning.get("kept_hidden_channels"))
 
 
 def distill(student, teacher, data: PackedTokens, spec: DistillSpec, work_dir: Path,
-            validation: PackedTokens | None = None, layer_map: dict[int, int] | None = None,
+            validation: PackedTokens | None = None, alignment: BlockAlignment | None = None,
             callbacks: tuple[StepCallback, ...] = (), description: str = "distill") -> dict:
     """Train ``student`` in place from ``teacher``; resumes from ``work_dir/checkpoints``."""
     d = distributed.setup(spec.train.device)
-    teacher.to(d.device)
+    teacher.to(d.device, inference_dtype(d.device))  # frozen: no float32 master copy needed
     if d.enabled and spec.train.parallelism == "fsdp":
         distributed.shard(teacher)  # frozen, but its weights are as large as the student's: shard them too
-    loss_fn = make_kd_loss(teacher, spec, layer_map if spec.cosine_weight else None)
+    loss_fn = make_kd_loss(teacher, spec, alignment)
     return train(student, data, spec.train, work_dir, validation=validation, loss_fn=loss_fn,
                  callbacks=callbacks, description=description)

@@ -72,7 +72,7 @@ def distill_and_save(launch: dict, callbacks: tuple = ()) -> None:
 
     import torch
 
-    from compression.distill import depth_layer_map, distill
+    from compression.distill import block_alignment, distill
     from compression.prune import PRUNING_FILE
     from model.architectures import load_pretrained
     from model.data import PackedTokens
@@ -80,11 +80,11 @@ def distill_and_save(launch: dict, callbacks: tuple = ()) -> None:
 
     spec = DistillSpec.model_validate(launch["spec"])
     work_dir, student_dir = Path(launch["work_dir"]), Path(launch["student_dir"])
-    student, tokenizer = load_pretrained(student_dir, dtype=torch.float32)
-    teacher, _ = load_pretrained(launch["teacher_dir"], dtype=torch.float32)
+    student, tokenizer = load_pretrained(student_dir, dtype=torch.float32)  # master weights
+    teacher, _ = load_pretrained(launch["teacher_dir"])  # as saved; distill() casts it to the inference dtype
     result = distill(student, teacher, PackedTokens(launch["data_dir"], "train"), spec, work_dir,
                      validation=PackedTokens(launch["data_dir"], "validation"),
-                     layer_map=depth_layer_map(student_dir), callbacks=callbacks, description=launch["description"])
+                     alignment=block_alignment(student_dir), callbacks=callbacks, description=launch["description"])
     if int(os.environ.get("RANK", "0")) == 0:
         out = work_dir / MODEL_DIR
         save_trained(result, out, tokenizer)

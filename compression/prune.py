@@ -267,7 +267,8 @@ def prune_model(net, scores: Scores, target: PruneTarget):
     return prune(net, scores, target)[0]
 
 
-PRUNING_FILE = "pruning.json"  # in a pruned checkpoint: target, teacher, kept layers (distill reads kept_layers)
+# In a pruned checkpoint: target, teacher, kept layers and hidden channels (distillation's cosine term reads both).
+PRUNING_FILE = "pruning.json"
 
 
 def prune_checkpoint(teacher_dir: Path, out_dir: Path, scores: Scores, target: PruneTarget, provenance: dict) -> dict:
@@ -275,7 +276,7 @@ def prune_checkpoint(teacher_dir: Path, out_dir: Path, scores: Scores, target: P
     returns the student's architecture summary."""
     from model.architectures import get_family, load_pretrained
 
-    net, tokenizer = load_pretrained(teacher_dir, dtype=torch.float32)
+    net, tokenizer = load_pretrained(teacher_dir)  # in its saved dtype: slicing is exact in any
     student, plan = prune(net, scores, target)
     out_dir.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(out_dir)
@@ -283,6 +284,7 @@ def prune_checkpoint(teacher_dir: Path, out_dir: Path, scores: Scores, target: P
     summary = get_family(student.config.model_type).summarize(student.config)
     record = provenance | {"target": target.model_dump(mode="json", exclude_none=True),
                            "kept_layers": plan.layers,
+                           "kept_hidden_channels": plan.hidden.tolist(),
                            "teacher_parameters": sum(p.numel() for p in net.parameters()),
                            "student_parameters": summary["parameters"]}
     (out_dir / PRUNING_FILE).write_text(json.dumps(record, indent=1))

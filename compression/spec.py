@@ -148,11 +148,17 @@ class DistillSpec(Section):
                     "log-probabilities stay over the full vocabulary, so its mass outside those k ids is penalized. "
                     "Null uses the whole vocabulary; at least 2.",
     )
+    top_k_student: Literal["full", "renormalized"] = Field(
+        "full",
+        description="With `top_k`: `full` reads the student's log-probabilities at the teacher's k ids from its "
+                    "distribution over the whole vocabulary (mass elsewhere is penalized); `renormalized` compares "
+                    "both distributions over those k ids only.",
+    )
     cosine_weight: float = Field(
         0.0, ge=0,
         description="Weight of an added 1 - cos term between each student block's output and that of the teacher "
-                    "block it was cut from (from the student's pruning.json); 0 disables it. The outputs are "
-                    "compared channel by channel, so the student's hidden size must be the teacher's.",
+                    "block it was cut from (from the student's pruning.json); 0 disables it. When the hidden size "
+                    "was pruned, the teacher's outputs are read on the channels the student kept.",
     )
 
     @field_validator("top_k")

@@ -258,11 +258,19 @@ class TrainSpec(Section):
         description="`auto`: CUDA when torch sees a GPU, else the CPU (a worker may pin it with FACTORY_DEVICE); "
                     "`cpu` or `cuda` choose it, and `cuda` without a GPU is an error.",
     )
-    precision: Literal["auto", "fp32", "bf16"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "fp8"] = Field(
         "auto",
-        description="`auto`: bfloat16 autocast on CUDA, float32 on the CPU; `bf16`: bfloat16 autocast everywhere; "
-                    "`fp32`: no autocast.",
+        description="`auto`: `bf16` on CUDA, `fp32` on the CPU; `bf16`: bfloat16 autocast over float32 master "
+                    "weights, checkpoint saved in bfloat16; `fp32`: float32 throughout (TF32 matmuls on CUDA); "
+                    "`fp8`: float8 linear layers (torchao) with bfloat16 autocast for the rest, on a CUDA GPU of "
+                    "compute capability 8.9+ (Ada, Hopper) only, refused elsewhere before any work.",
     )
+
+    @model_validator(mode="after")
+    def _fp8_needs_cuda(self):
+        if self.precision == "fp8" and self.device == "cpu":
+            raise field_error("precision", "'fp8' needs a CUDA GPU (compute capability 8.9+); device is 'cpu'")
+        return self
 
     @model_validator(mode="after")
     def _batches_divide(self):

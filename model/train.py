@@ -29,7 +29,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -38,7 +37,9 @@ from model import distributed
 from model.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from model.contract import StepCallback
 from model.data import PackedTokens
+from model.device import autocast, enable_tf32, training_precision, weights_dtype
 from model.fsutil import atomic_write_text
+from model.losses import lm_loss
 from model.spec import TrainSpec
 
 # (model, input_ids (B, L), target_mask (B, L-1)) -> sum of per-token losses over the targets
@@ -48,15 +49,6 @@ HISTORY_FILE = "training_history.json"  # in a trained checkpoint folder: final 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy, summed over the target positions that are real tokens."""
-    logits = model(input_ids=input_ids).logits  # (B, L, V)
-    per_token = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="none"
-    )  # (B * (L-1),)
-    return (per_token * target_mask.flatten()).sum()
 
 
 def lr_factor(step: int, spec: TrainSpec) -> float:
@@ -101,17 +93,28 @@ def _optimizer(model: torch.nn.Module, spec: TrainSpec) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas)
 
 
-def _autocast(device: torch.device, precision: str):
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+def _float8(model: torch.nn.Module) -> None:
+    """Swap the decoder's linear layers for torchao's float8 training linears, in place (before FSDP
+    wraps them). The output head stays in bfloat16: its (tokens, vocabulary) product is where float8
+    rounding hurts the loss most, and common float8 recipes leave it out too."""
+    from torchao.float8 import convert_to_float8_training
+
+    def eligible(module: torch.nn.Module, name: str) -> bool:
+        # float8 matmuls need both dimensions divisible by 16
+        return (isinstance(module, torch.nn.Linear) and name != "lm_head"
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    convert_to_float8_training(model, module_filter_fn=eligible)
 
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, data: PackedTokens, rows: Sequence[int], micro_batch_size: int,
                   loss_fn: LossFn = lm_loss, device: torch.device | None = None,
                   precision: str = "auto", d: distributed.Dist | None = None) -> float:
-    """Mean per-token loss over ``rows`` (split across processes when distributed)."""
-    device = device or torch.device("cpu")
+    """Mean per-token loss over ``rows`` (split across processes when distributed). ``device``
+    defaults to the model's own."""
+    device = device or next(model.parameters()).device
+    precision = training_precision(precision, device)
     d = d or distributed.Dist(device=device)
     was_training = model.training
     model.eval()
@@ -122,7 +125,7 @@ def evaluate_loss(model: torch.nn.Module, data: PackedTokens, rows: Sequence[int
     for start in range(0, len(mine), micro_batch_size):
         input_ids, valid = data.batch(mine[start : start + micro_batch_size])
         input_ids, target_mask = input_ids.to(device), valid[:, 1:].to(device)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             totals[0] += loss_fn(model, input_ids, target_mask).double()
         totals[1] += target_mask.sum()
     distributed.all_reduce_sum(totals, d)
@@ -162,9 +165,13 @@ def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir:
     ``model``: the trained model as a plain module to save (under FSDP an unsharded copy on the
     main process, None on the others)."""
     d = distributed.setup(spec.device)
+    precision = training_precision(spec.precision, d.device)  # fp8 where it cannot run fails here, before any step
+    enable_tf32(d.device)
     checkpoints = Path(work_dir) / "checkpoints"
-    model.to(d.device).train()
-    model_class = type(model)
+    model.to(d.device, torch.float32).train()  # float32 master weights, whatever the checkpoint was saved in
+    model_class, model_config = type(model), model.config
+    if precision == "fp8":
+        _float8(model)
     sharded = d.enabled and spec.parallelism == "fsdp"
     if sharded:
         distributed.shard(model)  # before the optimizer, which must hold the sharded parameters
@@ -204,7 +211,7 @@ def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir:
             last_micro = start + spec.micro_batch_size >= per_process
             # DDP and FSDP average gradients over processes: scale by world size to get the global sum / N.
             with _gradient_sync(forward_model, last_micro or not d.enabled):
-                with _autocast(d.device, spec.precision):
+                with autocast(d.device, precision):
                     loss_sum = loss_fn(forward_model, input_ids, target_mask)
                 (loss_sum * (d.world_size / num_targets)).backward()
             step_loss += loss_sum.detach().double()
@@ -231,7 +238,7 @@ def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir:
         if validation is not None and (record["step"] % spec.eval_every == 0 or record["step"] == spec.steps):
             # Always next-token cross entropy, whatever the training loss: comparable across stages.
             record["val_loss"] = evaluate_loss(model, validation, validation_rows, spec.micro_batch_size,
-                                               lm_loss, d.device, spec.precision, d)
+                                               lm_loss, d.device, precision, d)
         state["history"].append(record)
         if d.is_main:
             progress.update(1)
@@ -253,19 +260,21 @@ def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir:
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         trained = None
         if d.is_main:
-            trained = model_class(model.config)
+            trained = model_class(model_config)
             trained.load_state_dict(weights)
     history = state["history"]
     val = [r["val_loss"] for r in history if "val_loss" in r]
-    return {"model": trained, "steps": state["step"], "tokens_seen": state["tokens_seen"],
+    return {"model": trained, "precision": precision, "steps": state["step"], "tokens_seen": state["tokens_seen"],
             "final_loss": history[-1]["loss"] if history else float("nan"),
             "val_loss": val[-1] if val else float("nan"), "history": history}
 
 
 def save_trained(result: dict, out: Path, tokenizer) -> None:
-    """``train``'s result as a checkpoint folder: weights and config (``save_pretrained``), the
-    tokenizer, and ``training_history.json`` (the final metrics and every step's record)."""
-    result["model"].save_pretrained(out)
+    """``train``'s result as a checkpoint folder: weights and config (``save_pretrained``) in the
+    training dtype (bfloat16 for bf16 and fp8 runs, not the float32 master copy; the config's
+    ``dtype`` says which), the tokenizer, and ``training_history.json`` (the final metrics and
+    every step's record)."""
+    result["model"].to(weights_dtype(result["precision"])).save_pretrained(out)
     tokenizer.save_pretrained(out)
     metrics = {k: result[k] for k in ("steps", "tokens_seen", "final_loss", "val_loss")}
     atomic_write_text(Path(out) / HISTORY_FILE, json.dumps({"metrics": metrics, "history": result["history"]}))
