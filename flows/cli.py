@@ -107,6 +107,7 @@ def cmd_run(args) -> int:
 
     recipe = _load_or_exit(args.recipe)
     print(summary(recipe))
+    pipeline.context_for(recipe)  # this machine's device against the recipe (fp8, cuda) before any server starts
     store = open_store()
     steps = pipeline.plan(recipe, store)
     if args.plan:

@@ -21,6 +21,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from compression import distill_stage, importance_stage, prune_stage, search_stage
 from compression.prune_stage import PruneSpec
 from evaluation import evaluate_stage
@@ -28,9 +30,9 @@ from flows.recipe import Recipe
 from model import data_stage, pretrain_stage
 from model.contract import ArtifactStore, Ref, StageContext, ref_key, stored_ref
 from model.data_stage import DataStageSpec
-from model.device import DevicePolicy
+from model.device import DevicePolicy, fp8_problem
 from model.digests import json_digest
-from model.spec import TokenizerSpec
+from model.spec import TokenizerSpec, TrainSpec
 from registry import register_stage
 from registry.register_stage import RegistrationSpec
 from sdg import sdg_stage
@@ -45,12 +47,26 @@ UNTIL = {"pretrain": "teacher", "compress": "student", "distill": "distilled", "
 
 def context_for(recipe: Recipe, parent_run: str | None = None) -> StageContext:
     """The context of every stage of a recipe's run: its name and digest, the tracking run, and
-    this worker's device policy (``FACTORY_DEVICE``), checked now: a worker told to use CUDA
-    that has none fails before any stage starts."""
+    this worker's device policy (``FACTORY_DEVICE``), checked now against the recipe: a worker
+    told to use CUDA that has none, or a ``precision: fp8`` loop on a device that cannot run
+    float8, fails before any stage starts."""
     device = DevicePolicy.from_environment()
     device.choose()
+    for path, train in train_sections(recipe):
+        if train.precision == "fp8" and (problem := fp8_problem(device.choose(train.device, f"{path}.device"))):
+            raise ValueError(f"{path}.precision is 'fp8' but {problem}")
     return StageContext(recipe_name=recipe.name, recipe_digest=json_digest(recipe), parent_run=parent_run,
                         device=device)
+
+
+def train_sections(section, path: str = ""):
+    """(dotted path, TrainSpec) of every training loop in a recipe: pretraining, short KD, distillation."""
+    for name in type(section).model_fields:
+        value, where = getattr(section, name), f"{path}.{name}" if path else name
+        if isinstance(value, TrainSpec):
+            yield where, value
+        elif isinstance(value, BaseModel):
+            yield from train_sections(value, where)
 
 
 def resolve_start_from(uri: str, store: ArtifactStore) -> Path:

@@ -41,3 +41,15 @@ def test_cuda_where_there_is_none_fails_naming_who_asked_before_any_work(corpus_
     code, _, err = run_cli("pretrain", str(recipe), capsys=capsys)
     assert code == 1 and "FACTORY_DEVICE is 'cuda' but torch sees no CUDA device" in err
     assert not root.exists() or not any(root.iterdir())  # nothing was computed or written
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="needs a machine without CUDA")
+def test_fp8_on_a_worker_that_cannot_run_it_fails_naming_the_loop_before_any_work(corpus_dir, tmp_path, monkeypatch,
+                                                                                   capsys):
+    root = tmp_path / "artifacts"
+    monkeypatch.setenv("FACTORY_ARTIFACT_ROOT", str(root))
+    recipe = recipe_dict(corpus_dir, compress={"target": {"hidden_size": 48}},
+                         distill={"train": {"steps": 2, "batch_size": 4, "micro_batch_size": 4, "precision": "fp8"}})
+    code, _, err = run_cli("run", str(write_recipe(tmp_path / "r.yaml", recipe)), capsys=capsys)
+    assert code == 1 and "distill.train.precision is 'fp8' but this stage trains on the CPU" in err
+    assert not root.exists() or not any(root.iterdir())
