@@ -36,28 +36,9 @@ from model import distributed
 from model.contract import StepCallback
 from model.data import PackedTokens
 from model.device import inference_dtype
-from model.losses import CHUNK_TOKENS, chunked_token_sum, final_hidden, project, unwrap
+from model.losses import CHUNK_TOKENS, chunked_token_sum, final_hidden, kd_per_token, project, unwrap
 from model.tokenizer import tokenization_of
 from model.train import LossFn, train
-
-
-def kd_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-                 top_k: int | None = None, renormalize_student: bool = False) -> torch.Tensor:
-    """T^2 * KL(p_teacher || p_student) per position: (..., V) logits -> (...).
-
-    ``top_k``: the teacher's k largest logits, renormalized; the student's log-probabilities at those
-    ids come from its full distribution, or with ``renormalize_student`` from one over the k ids."""
-    t = teacher_logits.float() / temperature
-    s = student_logits.float() / temperature
-    if top_k is not None:
-        t, ids = t.topk(top_k, dim=-1)
-        s = s.gather(-1, ids) if renormalize_student else s
-        log_p_student = F.log_softmax(s, dim=-1)
-        log_p_student = log_p_student if renormalize_student else log_p_student.gather(-1, ids)
-    else:
-        log_p_student = F.log_softmax(s, dim=-1)
-    log_p_teacher = F.log_softmax(t, dim=-1)
-    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1) * temperature**2
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from compression.spec import ImportanceSpec
 from model.data import PackedTokens
+from model.losses import chunked_token_sum, final_hidden, kd_per_token, project
 
 Scores = dict[str, torch.Tensor]
 
@@ -156,7 +157,10 @@ def activation_scores(net, data: PackedTokens, spec: ImportanceSpec, device: tor
 
 @torch.no_grad()
 def layer_kl_scores(net, data: PackedTokens, spec: ImportanceSpec, device: torch.device | None = None) -> torch.Tensor:
-    """KL(full || without layer i) of the next-token distributions, mean per token, per layer."""
+    """KL(full || without layer i) of the next-token distributions, mean per token, per layer.
+
+    Computed from final hidden states a chunk of positions at a time (model/losses.py): at 8,192
+    tokens and a 131,072-token vocabulary one sequence's float32 logits alone would be 4 GiB."""
     device = device or next(net.parameters()).device
     layers = _layers(net)
     kl = torch.zeros(len(layers), dtype=torch.float64)
@@ -166,13 +170,19 @@ def layer_kl_scores(net, data: PackedTokens, spec: ImportanceSpec, device: torch
     rows = calibration_rows(data, spec.layer_samples, spec.seed + 1)
     for start in tqdm(range(0, len(rows), spec.batch_size), desc="layer KL", leave=False):
         input_ids = data.batch(rows[start : start + spec.batch_size])[0].to(device)
-        full = F.log_softmax(net(input_ids=input_ids).logits.float(), dim=-1)
+        full, head = final_hidden(net, input_ids)  # (B, L, H)
+        full = full.flatten(0, 1)
+        every_position = torch.ones(full.shape[0], device=device)
         for i, block in enumerate(layers):
             # A forward hook that returns the block's input removes the block from the residual stream.
             handle = block.register_forward_hook(lambda module, args, output: args[0])
             with _hooks([handle]):
-                skipped = F.log_softmax(net(input_ids=input_ids).logits.float(), dim=-1)
-            kl[i] += F.kl_div(skipped, full, log_target=True, reduction="sum").double().cpu()
+                skipped = final_hidden(net, input_ids)[0].flatten(0, 1)
+
+            def kl_per_token(skipped_hidden, full_hidden, head=head):  # (n, H), (n, H) -> (n,)
+                return kd_per_token(project(head, skipped_hidden), project(head, full_hidden))
+
+            kl[i] += chunked_token_sum(kl_per_token, [skipped, full], every_position).double().cpu()
         tokens += input_ids.numel()
     net.train(was_training)
     return (kl / tokens).float()

@@ -37,17 +37,18 @@ def run(spec: ImportanceSpec, inputs: dict, store: ArtifactStore, context: Stage
     data: DataRef = inputs["data"]
 
     def score(work: Path) -> Output:
-        import torch
         from transformers import AutoConfig
 
         from compression.importance import estimate_importance, save_scores
         from compression.prune import check_compressible
         from model.architectures import load_pretrained
         from model.data import PackedTokens
+        from model.device import inference_dtype
 
         teacher_dir = local_folder(store, teacher)
         check_compressible(AutoConfig.from_pretrained(teacher_dir))
-        net, _ = load_pretrained(teacher_dir, dtype=torch.float32)
+        device = context.device.resolve()
+        net, _ = load_pretrained(teacher_dir, device=device, dtype=inference_dtype(device))
         scores = estimate_importance(net, PackedTokens(store.fetch(data.uri), "train"), spec)
         metadata = {"teacher_digest": teacher.digest, "data_digest": data.digest, "spec": spec.model_dump(mode="json")}
         save_scores(scores, work / SCORES_FILE, metadata)

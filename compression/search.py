@@ -2,12 +2,15 @@
 
     enumerate  every combination of the search space's choices (sizes, layers kept)
     filter     by the budget: parameters within a tolerance of a target, memory of weights +
-               KV cache + Mamba state at a context length (model/cost.py), measured
-               decode latency
+               KV cache + Mamba state at a context length (model/cost.py), decode latency
+               measured on the worker's device at the budget's batch and context
     score      prune each candidate from the saved importance scores (no recomputation) and
-               rank by zero-shot validation loss
+               rank by zero-shot validation loss: every candidate within the budget, in a
+               fixed order (a space larger than ``max_candidates`` is an error, not a sample)
     retrain    the top k get a short distillation from the teacher (the paper: 3.8B tokens
-               each for 22 candidates; rankings move during it, which is why this step exists)
+               each for 22 candidates; rankings move during it, which is why this step exists),
+               through ``short_kd``: in this process by default; the stage passes one that
+               launches the distillation stage's own workers (torchrun, FSDP)
     choose     the lowest loss after the short KD; losses within ``tie_tolerance`` are tied
                and the tie goes to the higher measured decode throughput
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -105,49 +108,71 @@ def _keeps_attention(config, drop_layers: list[int]) -> bool:
     return any(t == "full_attention" for i, t in enumerate(config.layers_block_type) if i not in set(drop_layers))
 
 
-def _decode_speed(model, spec: SearchSpec) -> tuple[float, float]:
-    """(decode tokens/s, ms per decode step) at the spec's throughput batch and context."""
+def _decode_speed(model, batch: int, context: int) -> tuple[float, float]:
+    """(decode tokens/s, ms per decode step) of ``model`` on its own device, after a ``context``-token prompt."""
     from model.efficiency import measure_point
 
-    point = measure_point(model, spec.throughput_batch, spec.throughput_context, decode_tokens=8, warmup=1,
-                          repeats=2, device=next(model.parameters()).device)
+    point = measure_point(model, batch, context, decode_tokens=8, warmup=1, repeats=2,
+                          device=next(model.parameters()).device)
     return point["decode_tokens_per_s"], 1000 * point["decode_seconds"] / point["decode_tokens"]
 
 
+# (pruned student, rank, description) -> (the student after its short distillation, that run's metrics)
+ShortKD = Callable[[object, int, str], tuple[object, dict]]
+
+
+def distill_in_process(teacher, train_data: PackedTokens, validation: PackedTokens, spec: SearchSpec,
+                       work_dir: Path) -> ShortKD:
+    """Short KD in this process, on the teacher's device (tests, one-device workers)."""
+    def short_kd(student, rank: int, description: str):
+        result = distill(student, teacher, train_data, spec.short_kd, Path(work_dir) / f"candidate-{rank}",
+                         validation=validation, description=description)
+        return student, {"steps": result["steps"], "tokens_seen": result["tokens_seen"]}
+
+    return short_kd
+
+
 def search(teacher, scores: Scores, train_data: PackedTokens, validation: PackedTokens, spec: SearchSpec,
-           work_dir: Path) -> dict:
-    """Run the whole search; returns the report (candidates, rejections, the chosen target)."""
+           work_dir: Path, short_kd: ShortKD | None = None) -> dict:
+    """Run the whole search; returns the report (candidates, rejections, the chosen target).
+
+    Candidates are pruned onto the teacher's device and dtype and scored there."""
     candidates, rejected = enumerate_candidates(teacher.config, scores, spec)
     if not candidates:
         raise ValueError(f"no architecture in the search space meets the budget (rejected: {rejected}); "
                          "widen the space or loosen the budget")
     if len(candidates) > spec.max_candidates:
-        candidates = random.Random(spec.seed).sample(candidates, spec.max_candidates)
+        raise ValueError(f"{len(candidates)} architectures in the search space meet the budget, more than "
+                         f"search.max_candidates ({spec.max_candidates}); every one is scored, so narrow the space, "
+                         "tighten the budget or raise max_candidates")
+    short_kd = short_kd or distill_in_process(teacher, train_data, validation, spec, work_dir)
     rows = range(min(len(validation), spec.zero_shot_sequences))
     micro = spec.short_kd.train.micro_batch_size
+    budget = spec.budget
 
     for candidate in candidates:
         student, _ = prune(teacher, scores, PruneTarget(**candidate.target))
-        if spec.budget.decode_latency_ms is not None:
-            candidate.decode_tokens_per_s, candidate.decode_latency_ms = _decode_speed(student, spec)
-            if candidate.decode_latency_ms > spec.budget.decode_latency_ms:
+        if budget.decode_latency_ms is not None:
+            _, candidate.decode_latency_ms = _decode_speed(student, budget.batch, budget.latency_context)
+            if candidate.decode_latency_ms > budget.decode_latency_ms:
                 candidate.notes.append("over the latency budget")
                 continue
         candidate.zero_shot_loss = evaluate_loss(student, validation, rows, micro)
+        del student
 
     ranked = sorted((c for c in candidates if c.zero_shot_loss is not None), key=lambda c: c.zero_shot_loss)
     if not ranked:
         raise ValueError("every candidate is over the decode-latency budget")
-    for rank, candidate in enumerate(ranked[: spec.top_k]):
-        student, _ = prune(teacher, scores, PruneTarget(**candidate.target))
-        result = distill(student, teacher, train_data, spec.short_kd, Path(work_dir) / f"candidate-{rank}",
-                         validation=validation, description=f"short KD {rank + 1}/{min(spec.top_k, len(ranked))}")
+    finalists = ranked[: spec.top_k]
+    for rank, candidate in enumerate(finalists):
+        # Not bound to a name here: short_kd may free the pruned copy while its distillation runs.
+        student, result = short_kd(prune(teacher, scores, PruneTarget(**candidate.target))[0], rank,
+                                   f"short KD {rank + 1}/{len(finalists)}")
         candidate.kd_loss = evaluate_loss(student, validation, rows, micro)
-        if candidate.decode_tokens_per_s is None:
-            candidate.decode_tokens_per_s, candidate.decode_latency_ms = _decode_speed(student, spec)
+        candidate.decode_tokens_per_s, _ = _decode_speed(student, spec.throughput_batch, spec.throughput_context)
         candidate.notes.append(f"short KD: {result['steps']} steps, {result['tokens_seen']} tokens")
+        del student
 
-    finalists = [c for c in ranked[: spec.top_k]]
     best = min(c.kd_loss for c in finalists)
     tied = [c for c in finalists if c.kd_loss - best <= spec.tie_tolerance]
     winner = max(tied, key=lambda c: c.decode_tokens_per_s)
@@ -157,7 +182,6 @@ def search(teacher, scores: Scores, train_data: PackedTokens, validation: Packed
     return {"teacher_parameters": sum(p.numel() for p in teacher.parameters()), "rejected": rejected,
             "budget": spec.budget.model_dump(mode="json"), "candidates": [asdict(c) for c in candidates],
             "chosen": asdict(winner)}
-
 
 # --------------------------------------------------------------------------------------
 # Report

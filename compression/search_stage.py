@@ -13,6 +13,7 @@ from pathlib import Path
 from compression import importance_stage
 from compression.spec import SearchSpec
 from model.contract import (
+    MODEL_DIR,
     ArtifactRef,
     ArtifactStore,
     DataRef,
@@ -41,23 +42,60 @@ def run(spec: SearchSpec, inputs: dict, store: ArtifactStore, context: StageCont
     data: DataRef = inputs["data"]
 
     def run_search(work: Path) -> Output:
-        import torch
-
         from compression.search import search, write_report
         from model.architectures import load_pretrained
         from model.data import PackedTokens
+        from model.device import inference_dtype
 
         scores = importance_stage.load(store, inputs["scores"])
-        net, _ = load_pretrained(local_folder(store, teacher), dtype=torch.float32)
+        device = context.device.resolve(spec.short_kd.train.device, "search.short_kd.train.device")
+        teacher_dir = local_folder(store, teacher)
+        net, tokenizer = load_pretrained(teacher_dir, device=device, dtype=inference_dtype(device))
         data_dir = store.fetch(data.uri)
+        short_kd = _launched_short_kd(spec, teacher_dir, tokenizer, data_dir, work / "candidates", device, context)
         report = search(net, scores, PackedTokens(data_dir, "train"), PackedTokens(data_dir, "validation"), spec,
-                        work / "candidates")
+                        work / "candidates", short_kd)
         write_report(report, work / REPORT_DIR)
         return Output(work / REPORT_DIR, {"kind": "search_report",
                                           "metadata": {"chosen_target": report["chosen"]["target"]}})
 
     return produce(ArtifactRef, store, key(spec, inputs), lineage(NAME, __name__, spec, inputs, context), run_search,
                    label=context.recipe_name)
+
+
+def _launched_short_kd(spec: SearchSpec, teacher_dir: Path, tokenizer, data_dir: Path, work: Path, device,
+                       context: StageContext):
+    """The search's short KD through the distillation stage's own launcher: each finalist is saved,
+    distilled by ``compression.distill_stage``'s worker (in this process, or ``num_processes``
+    torchrun workers with DDP or FSDP, exactly as the final distillation), and loaded back onto
+    ``device`` in its inference dtype to be scored. A candidate whose distillation finished in an
+    earlier attempt is loaded, not retrained."""
+    from compression import distill_stage
+    from model import distributed
+    from model.architectures import load_pretrained
+    from model.device import inference_dtype
+    from model.train import HISTORY_FILE, read_history
+
+    train = spec.short_kd.train.model_copy(update={"device": device.type})
+    short_kd_spec = spec.short_kd.model_copy(update={"train": train})
+
+    def short_kd(student, rank: int, description: str):
+        folder = work / f"candidate-{rank}"
+        trained = folder / MODEL_DIR
+        if not (trained / HISTORY_FILE).is_file():  # written last, atomically, by save_trained
+            pruned = folder / "pruned"
+            student.save_pretrained(pruned)
+            tokenizer.save_pretrained(pruned)
+            del student  # the worker loads it from disk: no second copy on the device
+            launch = {"spec": short_kd_spec.model_dump(mode="json"), "student_dir": str(pruned),
+                      "teacher_dir": str(teacher_dir), "data_dir": str(data_dir), "work_dir": str(folder),
+                      "description": f"{description} ({context.recipe_name})"}
+            distributed.run_training(distill_stage.__name__, launch, train.num_processes, folder,
+                                     distill_stage.distill_and_save)
+        net, _ = load_pretrained(trained, device=device, dtype=inference_dtype(device))
+        return net, read_history(trained)["metrics"]
+
+    return short_kd
 
 
 def summary(ref: ArtifactRef, store: ArtifactStore) -> Summary:

@@ -222,7 +222,9 @@ class Budget(Section):
                     "`batch` sequences of `context` tokens in `dtype`; null: no memory constraint.",
     )
     context: PositiveInt = Field(8192, description="Context length, in tokens, of the memory budget.")
-    batch: PositiveInt = Field(1, description="Sequences served at once in the memory budget.")
+    batch: PositiveInt = Field(
+        1, description="Sequences served at once, in the memory budget and the decode-latency measurement.",
+    )
     dtype: Literal["float32", "bfloat16", "float16", "fp8", "fp4"] = Field(
         "bfloat16",
         description="Number format of the memory budget's weights, KV cache and conv state (4, 2, 2, 1 and 0.5 "
@@ -231,13 +233,12 @@ class Budget(Section):
     )
     decode_latency_ms: PositiveFloat | None = Field(
         None,
-        description="Most milliseconds a candidate may take per decode step (one token per sequence), measured on "
-                    "the pruned model at `search.throughput_batch` and `search.throughput_context`; null: no latency "
-                    "constraint.",
+        description="Most milliseconds a candidate may take per decode step (one token for each of `batch` "
+                    "sequences after a `latency_context`-token prompt), measured on the pruned model on the "
+                    "worker's device in its inference dtype; null: no latency constraint.",
     )
     latency_context: PositiveInt = Field(
-        256,
-        description="Not read by the search at present: decode latency is measured at `search.throughput_context`.",
+        256, description="Prompt length, in tokens, before the decode steps that `decode_latency_ms` times.",
     )
 
     @model_validator(mode="after")
@@ -268,9 +269,9 @@ class SearchSpec(Section):
                     "own group) or `global` (ranked across groups; ablation only).",
     )
     max_candidates: PositiveInt = Field(
-        32,
-        description="At most this many candidates that meet the budget are scored zero-shot; when more fit, a "
-                    "sample seeded by `seed` is taken.",
+        256,
+        description="A ceiling on the search's size: every candidate that meets the budget is scored zero-shot, "
+                    "and a space that admits more than this many is an error before any scoring (never a sample).",
     )
     zero_shot_sequences: PositiveInt = Field(
         64,
@@ -294,16 +295,11 @@ class SearchSpec(Section):
                     "the tie goes to the highest measured decode throughput.",
     )
     throughput_batch: PositiveInt = Field(
-        1,
-        description="Batch size at which decode speed is measured, for the tie-break and for "
-                    "`budget.decode_latency_ms`.",
+        1, description="Batch size at which the finalists' decode throughput (the tie-break) is measured.",
     )
     throughput_context: PositiveInt = Field(
         256,
         description="Prompt length, in tokens, prefilled before the timed decode steps of that measurement.",
-    )
-    seed: int = Field(
-        0, description="Seeds the sample of candidates when more than `max_candidates` meet the budget.",
     )
 
 

@@ -34,7 +34,7 @@ from evaluation.recall import evaluate_mqar, evaluate_passkey, passkey_problems
 from evaluation.report import write_report
 from evaluation.spec import EvaluateSpec
 from model.architectures import FAMILIES
-from model.device import DevicePolicy
+from model.device import DevicePolicy, inference_dtype
 from model.efficiency import measure_efficiency, resolve_dtype
 from model.tokenizer import load_tokenizer
 from model.train import read_history
@@ -68,12 +68,34 @@ def check_checkpoints(folders: dict[str, Path]) -> None:
         raise FileNotFoundError("not a whole checkpoint folder (save_pretrained + tokenizer): " + "; ".join(problems))
 
 
-def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a checkpoint folder, through transformers' Auto classes."""
+def load_checkpoint(folder: Path, device: torch.device, dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a checkpoint folder, through transformers' Auto classes, in the
+    device's inference dtype (bfloat16 on CUDA) unless ``dtype`` says otherwise.
+
+    On CUDA, weights larger than 90% of the device's free memory are spread over every visible
+    GPU and then the CPU (accelerate's ``device_map="auto"``) instead of failing to load: a 56B
+    teacher is 112 GB in bfloat16."""
     from transformers import AutoModelForCausalLM
 
-    net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    dtype = dtype or inference_dtype(device)
+    if device.type == "cuda" and _weight_bytes(folder, dtype) > 0.9 * torch.cuda.mem_get_info(device)[0]:
+        print(f"{folder}: weights exceed the free memory of {device}; spreading them with device_map='auto'",
+              file=sys.stderr)
+        net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="auto").eval()
+    else:
+        net = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     return net, load_tokenizer(folder)
+
+
+def _weight_bytes(folder: Path, dtype: torch.dtype) -> int:
+    """Bytes of a checkpoint's weights once loaded in ``dtype``, from the safetensors headers alone."""
+    from safetensors import safe_open
+
+    count = 0
+    for path in Path(folder).glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            count += sum(torch.Size(f.get_slice(name).get_shape()).numel() for name in f.keys())
+    return count * dtype.itemsize
 
 
 def describe(net, folder: Path) -> dict:
@@ -108,7 +130,7 @@ def evaluate_checkpoint(folder: Path, spec: EvaluateSpec, work_dir: Path, data_d
                                       spec.tasks.limit, spec.tasks.batch_size, device.type,
                                       str(dtype).removeprefix("torch."), work_dir / f"lm_eval-{label}.json")
 
-    net, tokenizer = load_checkpoint(folder, device)  # float32 for quality and recall; efficiency casts
+    net, tokenizer = load_checkpoint(folder, device)  # the inference dtype; efficiency casts to its own
     result["model"] = describe(net, folder)
     if "quality" in spec.sections:
         if data_dir is None:

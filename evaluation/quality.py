@@ -18,9 +18,9 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from model.data import PackedTokens, read_meta
+from model.losses import forward_kl
 from model.tokenizer import tokenizer_digest
 from model.train import evaluate_loss
 
@@ -47,21 +47,6 @@ def next_token_hits(model: torch.nn.Module, input_ids: torch.Tensor, target_mask
     """Number of target positions where the argmax of the logits is the next token."""
     predicted = model(input_ids=input_ids).logits[:, :-1].argmax(-1)  # (B, L-1)
     return ((predicted == input_ids[:, 1:]) * target_mask).sum()
-
-
-def forward_kl_to(teacher: torch.nn.Module):
-    """A per-token loss function for ``evaluate_loss``: sum over targets of KL(teacher || student).
-
-    Forward KL at temperature 1, the distillation objective (docs/compression.md 3.1)."""
-    teacher.eval()
-
-    def kl_sum(student: torch.nn.Module, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-        student_logp = F.log_softmax(student(input_ids=input_ids).logits[:, :-1].float(), dim=-1)  # (B, L-1, V)
-        teacher_logp = F.log_softmax(teacher(input_ids=input_ids).logits[:, :-1].float(), dim=-1)
-        kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)  # (B, L-1)
-        return (kl * target_mask).sum()
-
-    return kl_sum
 
 
 @torch.no_grad()
@@ -101,7 +86,7 @@ def measure_quality(model: torch.nn.Module, data_dir: Path, spec, teacher: torch
         "val_tokens": data.target_count(rows),
     }
     if teacher is not None:
-        out["kl_to_teacher"] = evaluate_loss(model, data, rows, spec.micro_batch_size, forward_kl_to(teacher), device=device)
+        out["kl_to_teacher"] = evaluate_loss(model, data, rows, spec.micro_batch_size, forward_kl(teacher), device=device)
         prompt_rows = [int(i) for i in torch.linspace(0, len(data) - 1, spec.generation_prompts).round().unique()]
         input_ids, valid = data.batch(prompt_rows)
         keep = valid[:, : spec.prompt_tokens].all(dim=1)  # the last row may be padding-short

@@ -85,6 +85,25 @@ def _masked_sum(per_token, weights: torch.Tensor, *chunk: torch.Tensor) -> torch
     return (per_token(*chunk) * weights).sum()
 
 
+def kd_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                 top_k: int | None = None, renormalize_student: bool = False) -> torch.Tensor:
+    """T^2 * KL(p_teacher || p_student) per position: (..., V) logits -> (...).
+
+    ``top_k``: the teacher's k largest logits, renormalized; the student's log-probabilities at those
+    ids come from its full distribution, or with ``renormalize_student`` from one over the k ids."""
+    t = teacher_logits.float() / temperature
+    s = student_logits.float() / temperature
+    if top_k is not None:
+        t, ids = t.topk(top_k, dim=-1)
+        s = s.gather(-1, ids) if renormalize_student else s
+        log_p_student = F.log_softmax(s, dim=-1)
+        log_p_student = log_p_student if renormalize_student else log_p_student.gather(-1, ids)
+    else:
+        log_p_student = F.log_softmax(s, dim=-1)
+    log_p_teacher = F.log_softmax(t, dim=-1)
+    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1) * temperature**2
+
+
 def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, target_mask: torch.Tensor,
             chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
     """Next-token cross entropy summed over the target positions that are real tokens.
@@ -97,3 +116,22 @@ def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, target_mask: torch.
 
     return chunked_token_sum(cross_entropy, [hidden[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten()],
                              target_mask.flatten(), chunk_tokens)
+
+
+def forward_kl(teacher: torch.nn.Module, chunk_tokens: int = CHUNK_TOKENS):
+    """A loss function (model, input_ids, target_mask) -> sum over targets of KL(teacher || model)
+    at temperature 1, the distillation objective, for measuring a student (no gradient to the teacher)."""
+    teacher.eval()
+
+    def kl_sum(student: torch.nn.Module, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_hidden, teacher_head = final_hidden(teacher, input_ids)
+        student_hidden, student_head = final_hidden(student, input_ids)
+
+        def kl(s_hidden, t_hidden):  # (n, H_s), (n, H_t) -> (n,)
+            return kd_per_token(project(student_head, s_hidden), project(teacher_head, t_hidden))
+
+        return chunked_token_sum(kl, [student_hidden[:, :-1].flatten(0, 1), teacher_hidden[:, :-1].flatten(0, 1)],
+                                 target_mask.flatten(), chunk_tokens)
+
+    return kl_sum

@@ -159,13 +159,17 @@ def test_search_choice_is_reproducible_and_reported(search_setup, tmp_path):
     teacher, scores, train, validation = search_setup
     full = sum(parameters_by_kind(teacher.config).values())
     spec = SearchSpec(space=SPACE, budget=Budget(parameters=int(full * 0.6), parameter_tolerance=0.2),
-                      max_candidates=5, top_k=2, zero_shot_sequences=16, throughput_context=32,
+                      top_k=2, zero_shot_sequences=16, throughput_context=32,
                       short_kd=DistillSpec(train=TrainSpec(steps=2, batch_size=4, micro_batch_size=4, warmup_steps=1,
                                                            checkpoint_every=10, eval_every=10)))
     first = search(teacher, scores, train, validation, spec, tmp_path / "a")
     second = search(teacher, scores, train, validation, spec, tmp_path / "b")
     assert first["chosen"]["target"] == second["chosen"]["target"]
     assert [c["zero_shot_loss"] for c in first["candidates"]] == [c["zero_shot_loss"] for c in second["candidates"]]
+    # Exhaustive: every architecture within the budget is scored (none sampled away).
+    admitted, _ = enumerate_candidates(teacher.config, scores, spec)
+    assert [c["target"] for c in first["candidates"]] == [c.target for c in admitted]
+    assert all(c["zero_shot_loss"] is not None for c in first["candidates"])
     finalists = [c for c in first["candidates"] if c["kd_loss"] is not None]
     assert len(finalists) == 2 and sum(c["chosen"] for c in first["candidates"]) == 1
     best = min(c["kd_loss"] for c in finalists)
@@ -176,3 +180,36 @@ def test_search_choice_is_reproducible_and_reported(search_setup, tmp_path):
     write_report(first, tmp_path / "report")
     assert "**chosen**" in (tmp_path / "report" / "search.md").read_text()
     assert (tmp_path / "report" / "search_pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_space_larger_than_max_candidates_is_an_error_before_any_scoring(search_setup, tmp_path, monkeypatch):
+    """Before: a seeded random sample was scored, so the best architecture could be dropped unseen."""
+    teacher, scores, train, validation = search_setup
+    full = sum(parameters_by_kind(teacher.config).values())
+    spec = SearchSpec(space=SPACE, budget=Budget(parameters=int(full * 0.6), parameter_tolerance=0.2),
+                      max_candidates=5)
+    monkeypatch.setattr("compression.search.evaluate_loss", lambda *a, **k: pytest.fail("scored a candidate"))
+    with pytest.raises(ValueError, match=r"9 architectures in the search space meet the budget, more than "
+                                         r"search.max_candidates \(5\)"):
+        search(teacher, scores, train, validation, spec, tmp_path)
+
+
+def test_the_latency_budget_is_measured_at_its_own_batch_and_context(search_setup, tmp_path, monkeypatch):
+    """Before: budget.batch and budget.latency_context were documented but the throughput settings were used."""
+    import model.efficiency
+
+    teacher, scores, train, validation = search_setup
+    measured = []
+
+    def spy(model, batch, context, **kwargs):
+        measured.append((batch, context))
+        return {"decode_tokens_per_s": 1.0, "decode_seconds": 1e-3 * (1000 if context == 48 else 1), "decode_tokens": 1}
+
+    monkeypatch.setattr(model.efficiency, "measure_point", spy)
+    full = sum(parameters_by_kind(teacher.config).values())
+    spec = SearchSpec(space=SPACE, budget=Budget(parameters=int(full * 0.6), parameter_tolerance=0.2, batch=3,
+                                                 latency_context=48, decode_latency_ms=10.0),
+                      throughput_batch=2, throughput_context=32, zero_shot_sequences=8)
+    with pytest.raises(ValueError, match="every candidate is over the decode-latency budget"):
+        search(teacher, scores, train, validation, spec, tmp_path)
+    assert measured and set(measured) == {(3, 48)}
