@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 # version is a CPU wheel on disk; on a Linux GPU host PyPI's wheel of it is the CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-fast lint clean
+.PHONY: demo test test-fast lint clean gpu-check gpu-wheels
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,22 @@ test-fast: $(BIN)/.installed
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
+
+# On a GPU machine: bench/gpu_check.py in the machine's own Python (its torch, CUDA, transformers,
+# Triton). What that Python lacks comes from .gpu-wheels/ (made on a networked machine with
+# `make gpu-wheels` and carried with the checkout), installed into .gpu-site/, never system-wide.
+# Without CUDA it says so and stops; `python bench/gpu_check.py --dry-run` rehearses it on a CPU.
+GPU_PYTHON ?= python3
+GPU_PACKAGES := pydantic pyyaml tqdm pytest matplotlib
+gpu-check:
+	@if [ -d .gpu-wheels ]; then $(GPU_PYTHON) -m pip install --quiet --no-index --find-links .gpu-wheels \
+		--target .gpu-site $(GPU_PACKAGES); fi
+	PYTHONPATH=.gpu-site:. $(GPU_PYTHON) bench/gpu_check.py
+
+gpu-wheels: $(BIN)/.installed
+	$(BIN)/python -m pip download --quiet --only-binary=:all: --python-version 3.12 \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--dest .gpu-wheels $(GPU_PACKAGES)
 
 clean:
 	rm -rf $(VENV) .factory *.egg-info

@@ -60,10 +60,17 @@ def get_family(name: str) -> Family:
 
 
 def build_model_config(spec, tokenizer):
-    """The recipe's architecture (a ``ModelSpec``) with the tokenizer's vocabulary and special tokens."""
+    """The recipe's architecture (a ``ModelSpec``) with the tokenizer's vocabulary and special tokens.
+
+    ``overrides.vocab_size`` may pad the vocabulary past the tokenizer's length (embedding rows no
+    token id reaches), never cut it."""
     from model.tokenizer import special_token_ids
 
-    overrides = dict(spec.overrides) | {"vocab_size": len(tokenizer)}
+    requested = spec.overrides.get("vocab_size")
+    if requested is not None and requested < len(tokenizer):
+        raise ValueError(f"model.overrides.vocab_size is {requested} but the tokenizer has {len(tokenizer)} entries: "
+                         "every token id needs an embedding row")
+    overrides = dict(spec.overrides) | {"vocab_size": max(requested or 0, len(tokenizer))}
     return get_family(spec.family).build_config(spec.preset, overrides, **special_token_ids(tokenizer))
 
 

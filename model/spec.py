@@ -119,8 +119,8 @@ class ModelSpec(Section):
     """An architecture: a family, one of its presets, and per-field overrides of its config.
 
     For ``family: nemotron_h`` the overrides are ``NemotronHConfig`` fields, plus
-    ``pattern`` (e.g. ``M-M*-M-M-``). ``vocab_size`` always comes from the tokenizer.
-    The families are listed in ``model/architectures.py``, their presets in ``model/nemotron_h.py``
+    ``pattern`` (e.g. ``M-M*-M-M-``). ``vocab_size`` is the tokenizer's length unless an
+    override asks for more (a padded embedding, as Megatron pads to a multiple of 128). The families are listed in ``model/architectures.py``, their presets in ``model/nemotron_h.py``
     and ``model/hymba/``.
     """
 
@@ -138,7 +138,8 @@ class ModelSpec(Section):
         default_factory=dict,
         description="Config fields that replace the preset's values, e.g. `{hidden_size: 64, num_attention_heads: 4}`. "
                     "For `nemotron_h`, `pattern` is the layer code (`M` Mamba-2, `*` attention, `-` FFN, `E` MoE). "
-                    "`vocab_size` always comes from the tokenizer.",
+                    "`vocab_size` is the tokenizer's length; an override may only raise it (rows the tokenizer never "
+                    "produces, e.g. Nemotron-H's 131,072 over a smaller tokenizer).",
     )
 
     @model_validator(mode="after")
