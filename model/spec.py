@@ -267,6 +267,15 @@ class TrainSpec(Section):
                     "compute capability 8.9+ (Ada, Hopper) only, refused elsewhere before any work.",
     )
 
+    activation_checkpointing: bool = Field(
+        False,
+        description="Keep only each decoder block's input and recompute the block in backward (transformers' "
+                    "gradient checkpointing): activation memory of a few tensors per layer instead of every "
+                    "intermediate, for about a third more compute. Needed for long sequences at the published "
+                    "widths (and for 8K tokens on a CPU, where the Mamba-2 scan's PyTorch fallback keeps large "
+                    "intermediates).",
+    )
+
     @model_validator(mode="after")
     def _fp8_needs_cuda(self):
         if self.precision == "fp8" and self.device == "cpu":

@@ -93,6 +93,15 @@ def _optimizer(model: torch.nn.Module, spec: TrainSpec) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas)
 
 
+def _checkpoint_blocks(model: torch.nn.Module) -> None:
+    """transformers' activation (gradient) checkpointing of every decoder block, non-reentrant (FSDP2-safe);
+    ``activation_checkpointing_enable`` in newer transformers, ``gradient_checkpointing_enable`` in older."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _float8(model: torch.nn.Module) -> None:
     """Swap the decoder's linear layers for torchao's float8 training linears, in place (before FSDP
     wraps them). The output head stays in bfloat16: its (tokens, vocabulary) product is where float8
@@ -170,6 +179,11 @@ def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir:
     checkpoints = Path(work_dir) / "checkpoints"
     model.to(d.device, torch.float32).train()  # float32 master weights, whatever the checkpoint was saved in
     model_class, model_config = type(model), model.config
+    if spec.activation_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"train.activation_checkpointing: {type(model).__name__} does not support transformers' "
+                             "gradient checkpointing")
+        _checkpoint_blocks(model)
     if precision == "fp8":
         _float8(model)
     sharded = d.enabled and spec.parallelism == "fsdp"

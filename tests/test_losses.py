@@ -19,7 +19,7 @@ from model import losses
 from model.device import training_precision
 from model.nemotron_h import build_config
 from model.spec import TrainSpec
-from model.train import save_trained, train
+from model.train import _checkpoint_blocks, save_trained, train
 
 VOCAB = 512
 
@@ -158,3 +158,25 @@ def test_fp8_is_refused_before_any_work_where_it_cannot_run(micro_data, tmp_path
         train(_model(6), PackedTokens(micro_data.uri, "train"), TrainSpec(steps=1, precision="fp8"), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
     assert training_precision("auto", torch.device("cpu")) == "fp32"
+
+
+def test_activation_checkpointing_recomputes_blocks_to_the_same_gradients(micro_data, tmp_path):
+    from model.data import PackedTokens
+
+    model, (ids, mask) = _model(7), _batch(3)
+    model.train()
+    losses.lm_loss(model, ids, mask).backward()
+    expected = _grads(model)
+    model.zero_grad()
+    _checkpoint_blocks(model)
+    losses.lm_loss(model, ids, mask).backward()
+    _assert_same_grads(_grads(model), expected)
+
+    from model.hymba import HymbaForCausalLM
+    from model.hymba import build_config as hymba_config
+
+    hymba = HymbaForCausalLM(hymba_config("micro", {"vocab_size": VOCAB}))
+    with pytest.raises(ValueError, match="activation_checkpointing: HymbaForCausalLM does not support"):
+        train(hymba, PackedTokens(micro_data.uri, "train"),
+              TrainSpec(steps=1, batch_size=4, micro_batch_size=4, activation_checkpointing=True), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
