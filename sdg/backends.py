@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from model.device import DevicePolicy
+from model.device import DevicePolicy, inference_dtype
 from model.digests import folder_digest
 from sdg.shards import record_key
 
@@ -79,7 +79,6 @@ class LocalGenerator:
     """A checkpoint folder run here with batched ``model.generate`` (left padding)."""
 
     def __init__(self, folder: str | Path, batch_size: int = 8, device: str = "auto", seed: int = 0):
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         import model.architectures  # noqa: F401  registers the factory's own families (Hymba) with the Auto classes
@@ -92,8 +91,8 @@ class LocalGenerator:
         self.tokenizer.padding_side = "left"  # new tokens follow every prompt directly
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=inference_dtype(self.device))
+        self.model.to(self.device).eval()
         self.pads = self.model.config.model_type not in _NO_PADDING
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
         self.seed = seed

@@ -91,13 +91,14 @@ class RewardModel:
         )
 
         import model.architectures  # noqa: F401  registers the factory's own families with the Auto classes
-        from model.device import DevicePolicy
+        from model.device import DevicePolicy, inference_dtype
         from sdg.backends import checkpoint_identity
 
         self.folder = Path(folder)
         self.identity = checkpoint_identity(self.folder)
         self.batch_size, self.max_tokens = batch_size, max_tokens
         self.device = DevicePolicy().choose(device, "sdg.generator.device")
+        dtype = inference_dtype(self.device)  # bfloat16 on CUDA; the attribute head stays float32
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         self.tokenizer.padding_side = "right"  # causal: the last real token never sees the padding
         if self.tokenizer.pad_token_id is None:
@@ -111,14 +112,14 @@ class RewardModel:
             self.head = torch.nn.Linear(tensors["weight"].shape[1], len(self.attributes))
             self.head.load_state_dict({"weight": tensors["weight"], "bias": tensors["bias"]})
             self.head.to(self.device).eval()
-            self.model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=torch.float32).to(self.device).eval()
+            self.model = AutoModelForCausalLM.from_pretrained(self.folder, dtype=dtype).to(self.device).eval()
             self.classifier = False
         else:
             config = AutoConfig.from_pretrained(self.folder)
             if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
                 raise ValueError(f"{self.folder} is not a reward model: no {HEAD_CONFIG} (a causal LM plus a linear "
                                  "head) and not a *ForSequenceClassification checkpoint")
-            self.model = AutoModelForSequenceClassification.from_pretrained(self.folder, dtype=torch.float32)
+            self.model = AutoModelForSequenceClassification.from_pretrained(self.folder, dtype=dtype)
             self.model.to(self.device).eval()
             self.attributes = [config.id2label[i] for i in range(config.num_labels)]
             self.classifier = True
@@ -140,10 +141,10 @@ class RewardModel:
             last = batch["attention_mask"].sum(dim=1) - 1  # (B,) index of each row's last real token
             with torch.no_grad():
                 if self.classifier:
-                    values = self.model(**batch).logits  # (B, A): HF pools the last non-pad token
+                    values = self.model(**batch).logits.float()  # (B, A): HF pools the last non-pad token
                 else:
                     hidden = self.model.base_model(**batch).last_hidden_state  # (B, T, H), after the final norm
-                    values = self.head(hidden[torch.arange(hidden.shape[0]), last])  # (B, A)
+                    values = self.head(hidden[torch.arange(hidden.shape[0]), last].float())  # (B, A)
             results += [dict(zip(self.attributes, map(float, row), strict=True)) for row in values.tolist()]
         return results
 
