@@ -213,3 +213,32 @@ def test_the_latency_budget_is_measured_at_its_own_batch_and_context(search_setu
     with pytest.raises(ValueError, match="every candidate is over the decode-latency budget"):
         search(teacher, scores, train, validation, spec, tmp_path)
     assert measured and set(measured) == {(3, 48)}
+
+
+@pytest.mark.slow
+def test_the_search_stage_runs_short_kd_through_the_distillation_launcher(micro_data, tmp_path):
+    """Before: short KD ran in the search's process whatever short_kd.train.num_processes said."""
+    from compression import importance_stage, search_stage
+    from compression.spec import ImportanceSpec
+    from model import pretrain_stage
+    from model.contract import StageContext
+    from model.device import DevicePolicy
+    from model.pretrain_stage import PretrainSpec
+    from model.spec import ModelSpec
+    from store.local import LocalStore
+
+    store, context = LocalStore(tmp_path / "store"), StageContext("launch", device=DevicePolicy("cpu"))
+    tiny = dict(batch_size=4, micro_batch_size=2, warmup_steps=1, checkpoint_every=2, eval_every=2, eval_batches=1)
+    teacher = pretrain_stage.run(PretrainSpec(model=ModelSpec(preset="micro"), train=TrainSpec(steps=2, **tiny)),
+                                 {"data": micro_data}, store, context)
+    inputs = {"teacher": teacher, "data": micro_data}
+    scores = importance_stage.run(ImportanceSpec(samples=4, batch_size=4, layer_samples=2), inputs, store, context)
+    spec = SearchSpec(space=SearchSpace(hidden_size=[48]), budget=Budget(memory_gib=64), top_k=1,
+                      zero_shot_sequences=4, throughput_context=16,
+                      short_kd=DistillSpec(train=TrainSpec(steps=2, num_processes=2, parallelism="fsdp", **tiny)))
+    report = search_stage.run(spec, inputs | {"scores": scores}, store, context)
+    (work,) = (p for p in (tmp_path / "store" / "search").iterdir() if p.is_dir())
+    launch = json.loads((work / "candidates" / "candidate-0" / "launch.json").read_text())
+    assert launch["spec"]["train"]["num_processes"] == 2 and launch["spec"]["train"]["parallelism"] == "fsdp"
+    chosen = json.loads((store.fetch(report.uri) / "search.json").read_text())["chosen"]
+    assert chosen["kd_loss"] is not None and "short KD: 2 steps" in chosen["notes"][-1]
