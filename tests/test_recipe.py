@@ -127,3 +127,17 @@ def test_start_from_takes_the_forms_the_run_resolves_and_names_a_missing_folder(
         assert parse_recipe(recipe_dict(corpus_dir, start_from=uri)).start_from == uri
     with pytest.raises(RecipeError, match=r"start_from: no checkpoint \(config.json\) at"):
         parse_recipe(recipe_dict(corpus_dir, start_from=str(tmp_path / "nowhere")))
+
+
+def test_a_model_may_pad_its_vocabulary_past_the_tokenizer_but_never_cut_it():
+    """The rehearsal pads a ~78k-entry BPE to Nemotron-H's 131,072 embedding rows."""
+    from model.architectures import build_model_config
+    from model.spec import ModelSpec
+    from model.tokenizer import train_bpe
+
+    tokenizer = train_bpe(["def f(x):\n    return x + 1\n"] * 50, vocab_size=300)
+    assert build_model_config(ModelSpec(preset="micro"), tokenizer).vocab_size == len(tokenizer)
+    padded = build_model_config(ModelSpec(preset="micro", overrides={"vocab_size": 1024}), tokenizer)
+    assert padded.vocab_size == 1024
+    with pytest.raises(ValueError, match=r"vocab_size is 100 but the tokenizer has \d+ entries"):
+        build_model_config(ModelSpec(preset="micro", overrides={"vocab_size": 100}), tokenizer)
