@@ -173,15 +173,15 @@ def layer_kl_scores(net, data: PackedTokens, spec: ImportanceSpec, device: torch
         full, head = final_hidden(net, input_ids)  # (B, L, H)
         full = full.flatten(0, 1)
         every_position = torch.ones(full.shape[0], device=device)
+
+        def kl_per_token(skipped_hidden, full_hidden, head=head):  # (n, H), (n, H) -> (n,): KL(full || skipped)
+            return kd_per_token(project(head, skipped_hidden), project(head, full_hidden))
+
         for i, block in enumerate(layers):
             # A forward hook that returns the block's input removes the block from the residual stream.
             handle = block.register_forward_hook(lambda module, args, output: args[0])
             with _hooks([handle]):
                 skipped = final_hidden(net, input_ids)[0].flatten(0, 1)
-
-            def kl_per_token(skipped_hidden, full_hidden, head=head):  # (n, H), (n, H) -> (n,)
-                return kd_per_token(project(head, skipped_hidden), project(head, full_hidden))
-
             kl[i] += chunked_token_sum(kl_per_token, [skipped, full], every_position).double().cpu()
         tokens += input_ids.numel()
     net.train(was_training)

@@ -95,9 +95,10 @@ def kd_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tem
     s = student_logits.float() / temperature
     if top_k is not None:
         t, ids = t.topk(top_k, dim=-1)
-        s = s.gather(-1, ids) if renormalize_student else s
-        log_p_student = F.log_softmax(s, dim=-1)
-        log_p_student = log_p_student if renormalize_student else log_p_student.gather(-1, ids)
+        if renormalize_student:
+            log_p_student = F.log_softmax(s.gather(-1, ids), dim=-1)  # over the k ids only
+        else:
+            log_p_student = F.log_softmax(s, dim=-1).gather(-1, ids)  # over the whole vocabulary
     else:
         log_p_student = F.log_softmax(s, dim=-1)
     log_p_teacher = F.log_softmax(t, dim=-1)

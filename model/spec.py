@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from model.device import Precision
+
 
 class Section(BaseModel):
     """Base of every recipe section: an unknown field is an error naming it, and a parsed section is immutable."""
@@ -259,7 +261,7 @@ class TrainSpec(Section):
         description="`auto`: CUDA when torch sees a GPU, else the CPU (a worker may pin it with FACTORY_DEVICE); "
                     "`cpu` or `cuda` choose it, and `cuda` without a GPU is an error.",
     )
-    precision: Literal["auto", "fp32", "bf16", "fp8"] = Field(
+    precision: Precision = Field(
         "auto",
         description="`auto`: `bf16` on CUDA, `fp32` on the CPU; `bf16`: bfloat16 autocast over float32 master "
                     "weights, checkpoint saved in bfloat16; `fp32`: float32 throughout (TF32 matmuls on CUDA); "
