@@ -30,16 +30,23 @@ test-fast: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 
-# On a GPU machine: bench/gpu_check.py in the machine's own Python (its torch, CUDA, transformers,
-# Triton). What that Python lacks comes from .gpu-wheels/ (made on a networked machine with
-# `make gpu-wheels` and carried with the checkout), installed into .gpu-site/, never system-wide.
+# On a GPU machine: bench/gpu_check.py with the machine's own torch, CUDA, transformers and Triton.
+# What that Python lacks comes from .gpu-wheels/ (made on a networked machine with `make gpu-wheels`
+# and carried with the checkout), installed into .gpu-venv/, a venv that sees the system's packages:
+# pip installs only what is missing and never replaces the machine's numpy or torch.
 # Without CUDA it says so and stops; `python bench/gpu_check.py --dry-run` rehearses it on a CPU.
 GPU_PYTHON ?= python3
 GPU_PACKAGES := pydantic pyyaml tqdm pytest matplotlib
 gpu-check:
-	@if [ -d .gpu-wheels ]; then $(GPU_PYTHON) -m pip install --quiet --no-index --find-links .gpu-wheels \
-		--target .gpu-site $(GPU_PACKAGES); fi
-	PYTHONPATH=.gpu-site:. $(GPU_PYTHON) bench/gpu_check.py
+	@$(GPU_PYTHON) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || { \
+		echo "gpu-check: $(GPU_PYTHON) sees no CUDA device (or has no torch): run it on a GPU machine." \
+		"Rehearse it here with: $(BIN)/python bench/gpu_check.py --dry-run" >&2; exit 2; }
+	@if [ -d .gpu-wheels ]; then \
+		$(GPU_PYTHON) -m venv --system-site-packages --without-pip .gpu-venv && \
+		.gpu-venv/bin/python -m pip install --quiet --no-index --find-links .gpu-wheels $(GPU_PACKAGES) \
+		|| echo "gpu-check: .gpu-wheels/ does not install into $(GPU_PYTHON) (wheels for another Python?); going on with what it has"; \
+	fi
+	$$(if [ -x .gpu-venv/bin/python ]; then echo .gpu-venv/bin/python; else echo $(GPU_PYTHON); fi) bench/gpu_check.py
 
 gpu-wheels: $(BIN)/.installed
 	$(BIN)/python -m pip download --quiet --only-binary=:all: --python-version 3.12 \
