@@ -168,7 +168,10 @@ def layer_kl_scores(net, data: PackedTokens, spec: ImportanceSpec, device: torch
     was_training = net.training
     net.eval()
     rows = calibration_rows(data, spec.layer_samples, spec.seed + 1)
-    for start in tqdm(range(0, len(rows), spec.batch_size), desc="layer KL", leave=False):
+    batches = range(0, len(rows), spec.batch_size)
+    # Counted in forward passes (num_layers per batch): at 8B and 8K tokens one batch takes minutes.
+    progress = tqdm(total=len(batches) * len(layers), desc="layer KL", unit=" layers", leave=False)
+    for start in batches:
         input_ids = data.batch(rows[start : start + spec.batch_size])[0].to(device)
         full, head = final_hidden(net, input_ids)  # (B, L, H)
         full = full.flatten(0, 1)
@@ -183,7 +186,9 @@ def layer_kl_scores(net, data: PackedTokens, spec: ImportanceSpec, device: torch
             with _hooks([handle]):
                 skipped = final_hidden(net, input_ids)[0].flatten(0, 1)
             kl[i] += chunked_token_sum(kl_per_token, [skipped, full], every_position).double().cpu()
+            progress.update(1)
         tokens += input_ids.numel()
+    progress.close()
     net.train(was_training)
     return (kl / tokens).float()
 
