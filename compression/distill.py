@@ -36,7 +36,7 @@ from model import distributed
 from model.contract import StepCallback
 from model.data import PackedTokens
 from model.device import inference_dtype
-from model.losses import CHUNK_TOKENS, chunked_token_sum, final_hidden, kd_per_token, project, unwrap
+from model.losses import CHUNK_TOKENS, kd_per_token, teacher_student_sum, unwrap
 from model.tokenizer import tokenization_of
 from model.train import LossFn, train
 
@@ -73,30 +73,20 @@ def make_kd_loss(teacher: torch.nn.Module, spec: DistillSpec, alignment: BlockAl
     channels = alignment.hidden_channels if cosine_layers else None
     renormalize = spec.top_k_student == "renormalized"
 
+    def per_token(student_logits, teacher_logits, targets):  # (n, V), (n, V), (n,) -> (n,)
+        value = kd_per_token(student_logits, teacher_logits, spec.temperature, spec.top_k, renormalize)
+        if spec.ce_weight:
+            value = value + spec.ce_weight * F.cross_entropy(student_logits, targets, reduction="none")
+        return value
+
     def loss(student, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         t_out, t_handles = _block_outputs(teacher, list(cosine_layers.values()))
         s_out, s_handles = _block_outputs(unwrap(student), list(cosine_layers))
         try:
-            with torch.no_grad():
-                teacher_hidden, teacher_head = final_hidden(teacher, input_ids)  # (B, L, H_teacher)
-            student_hidden, student_head = final_hidden(student, input_ids)  # (B, L, H_student)
+            total = teacher_student_sum(student, teacher, input_ids, target_mask, per_token, chunk_tokens)
         finally:
             for handle in t_handles + s_handles:
                 handle.remove()
-
-        def per_token(s_hidden, t_hidden, targets):  # (n, H_s), (n, H_t), (n,) -> (n,)
-            student_logits = project(student_head, s_hidden)  # (n, V) float32
-            with torch.no_grad():
-                teacher_logits = project(teacher_head, t_hidden)
-            value = kd_per_token(student_logits, teacher_logits, spec.temperature, spec.top_k, renormalize)
-            if spec.ce_weight:
-                value = value + spec.ce_weight * F.cross_entropy(student_logits, targets, reduction="none")
-            return value
-
-        mask = target_mask.flatten()  # (B * (L-1),)
-        total = chunked_token_sum(per_token, [student_hidden[:, :-1].flatten(0, 1),
-                                              teacher_hidden[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten()],
-                                 mask, chunk_tokens)
         for j, i in cosine_layers.items():
             teacher_block = t_out[i][:, :-1] if channels is None else t_out[i][:, :-1, channels]
             cos = F.cosine_similarity(s_out[j][:, :-1].float(), teacher_block.float(), dim=-1)  # (B, L-1)

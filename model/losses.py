@@ -119,20 +119,34 @@ def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, target_mask: torch.
                              target_mask.flatten(), chunk_tokens)
 
 
+def teacher_student_sum(student: torch.nn.Module, teacher: torch.nn.Module, input_ids: torch.Tensor,
+                        target_mask: torch.Tensor, per_token: Callable[..., torch.Tensor],
+                        chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Sum over the target positions of ``per_token(student_logits, teacher_logits, targets)`` ((n, V),
+    (n, V) float32 and (n,) -> (n,)), one forward of each model, a chunk of positions at a time. No
+    gradient reaches the teacher."""
+    with torch.no_grad():
+        teacher_hidden, teacher_head = final_hidden(teacher, input_ids)  # (B, L, H_teacher)
+    student_hidden, student_head = final_hidden(student, input_ids)  # (B, L, H_student)
+
+    def chunk(s_hidden, t_hidden, targets):  # (n, H_s), (n, H_t), (n,) -> (n,)
+        with torch.no_grad():
+            teacher_logits = project(teacher_head, t_hidden)
+        return per_token(project(student_head, s_hidden), teacher_logits, targets)
+
+    return chunked_token_sum(chunk, [student_hidden[:, :-1].flatten(0, 1), teacher_hidden[:, :-1].flatten(0, 1),
+                                     input_ids[:, 1:].flatten()], target_mask.flatten(), chunk_tokens)
+
+
 def forward_kl(teacher: torch.nn.Module, chunk_tokens: int = CHUNK_TOKENS):
     """A loss function (model, input_ids, target_mask) -> sum over targets of KL(teacher || model)
     at temperature 1, the distillation objective, for measuring a student (no gradient to the teacher)."""
     teacher.eval()
 
+    def kl(student_logits, teacher_logits, targets):  # (n, V), (n, V), (n,) -> (n,)
+        return kd_per_token(student_logits, teacher_logits)
+
     def kl_sum(student: torch.nn.Module, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_hidden, teacher_head = final_hidden(teacher, input_ids)
-        student_hidden, student_head = final_hidden(student, input_ids)
-
-        def kl(s_hidden, t_hidden):  # (n, H_s), (n, H_t) -> (n,)
-            return kd_per_token(project(student_head, s_hidden), project(teacher_head, t_hidden))
-
-        return chunked_token_sum(kl, [student_hidden[:, :-1].flatten(0, 1), teacher_hidden[:, :-1].flatten(0, 1)],
-                                 target_mask.flatten(), chunk_tokens)
+        return teacher_student_sum(student, teacher, input_ids, target_mask, kl, chunk_tokens)
 
     return kl_sum
