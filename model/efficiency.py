@@ -54,7 +54,9 @@ def cache_tensors(cache) -> dict[str, list[torch.Tensor]]:
     """Every tensor a cache object holds, grouped by kind (attention_kv, conv_state, ssm_state, other).
 
     Walks the object's attributes, lists and dicts, so it works for any of transformers'
-    cache classes; a tensor reachable twice is counted once."""
+    cache classes; a tensor reachable twice is counted once, and a 0-dimensional one (a
+    position counter such as transformers 5.25's ``cumulative_length_linear``) is bookkeeping,
+    not cached state."""
     found: dict[str, list[torch.Tensor]] = defaultdict(list)
     seen_objects, seen_tensors = set(), set()
 
@@ -64,7 +66,7 @@ def cache_tensors(cache) -> dict[str, list[torch.Tensor]]:
         seen_objects.add(id(value))
         if isinstance(value, torch.Tensor):
             key = (value.untyped_storage().data_ptr(), value.storage_offset(), value.numel())
-            if value.numel() and key not in seen_tensors:
+            if value.dim() and value.numel() and key not in seen_tensors:
                 seen_tensors.add(key)
                 found[kind].append(value)
         elif isinstance(value, list | tuple):
