@@ -2,8 +2,8 @@
 
     run(DistillSpec, {"student": ModelRef, "teacher": ModelRef, "data": DataRef}, store, context) -> ModelRef
 
-Checkpoints go to the stage's work folder and an interrupted run resumes from the newest
-whole one. With ``train.num_processes > 1`` the stage launches ``torchrun --standalone
+Checkpoints go to the stage's work folder (and, with an ``s3://`` root, to the store as they are
+written) and an interrupted run resumes from the newest whole one, on this machine or another. With ``train.num_processes > 1`` the stage launches ``torchrun --standalone
 --nproc_per_node=N -m compression.distill_stage LAUNCH`` and waits; rank 0 saves.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from compression.spec import DistillSpec
 from model.contract import (
+    CHECKPOINTS_DIR,
     MODEL_DIR,
     ArchSummary,
     ArtifactStore,
@@ -57,8 +58,9 @@ def run(spec: DistillSpec, inputs: dict, store: ArtifactStore, context: StageCon
                   "student_dir": str(student_dir), "teacher_dir": str(teacher_dir),
                   "data_dir": str(store.fetch(data.uri)), "work_dir": str(work),
                   "description": f"distill {context.recipe_name}"}
-        distributed.run_training(__name__, launch, train.num_processes, work,
-                                 lambda here: distill_and_save(here, context.training_callbacks(train.steps)))
+        with store.mirror_checkpoints(work / CHECKPOINTS_DIR, keep=train.keep_checkpoints):
+            distributed.run_training(__name__, launch, train.num_processes, work,
+                                     distill_and_save, context.training_callbacks(train.steps))
         out = work / MODEL_DIR
         return Output(out, {"architecture": ArchSummary(**summarize_folder(out)), "metrics": read_history(out)["metrics"]})
 
@@ -95,5 +97,6 @@ def distill_and_save(launch: dict, callbacks: tuple = ()) -> None:
 if __name__ == "__main__":  # a torchrun worker
     from model import distributed
 
-    distill_and_save(json.loads(Path(sys.argv[1]).read_text()))
+    launch = json.loads(Path(sys.argv[1]).read_text())
+    distill_and_save(launch, distributed.step_recorder(launch))
     distributed.teardown(distributed.setup("auto"))

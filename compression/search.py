@@ -34,6 +34,7 @@ from compression.spec import PruneTarget, SearchSpec
 from model.architectures import get_family
 from model.cost import inference_memory
 from model.data import PackedTokens
+from model.digests import MEASUREMENTS_DIR
 from model.train import evaluate_loss
 
 SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "mamba_num_heads", "mamba_head_dim")
@@ -249,8 +250,22 @@ def pareto_plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+CHOICE_FILE = "choice.json"
+REPORT_FILES = ("search.json", "search.md", "search_pareto.png")  # under measurements/
+
+
 def write_report(report: dict, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "search.json").write_text(json.dumps(report, indent=1))
-    (folder / "search.md").write_text(markdown_report(report))
-    pareto_plot(report, folder / "search_pareto.png")
+    """``choice.json`` (the chosen target and architecture: what the prune stage takes) and, under
+    ``measurements/``, the report of every candidate. Its measured decode speeds differ from one
+    run to the next, so they stay outside the folder's digest (``model/digests.py``) and a search
+    run again makes the same choice with the same digest."""
+    measurements = folder / MEASUREMENTS_DIR
+    measurements.mkdir(parents=True, exist_ok=True)
+    chosen = report["chosen"]
+    (folder / CHOICE_FILE).write_text(json.dumps({"target": chosen["target"],
+                                                  "architecture": chosen["architecture"],
+                                                  "parameters": chosen["parameters"]}, indent=1, sort_keys=True))
+    json_file, markdown_file, plot_file = (measurements / name for name in REPORT_FILES)
+    json_file.write_text(json.dumps(report, indent=1))
+    markdown_file.write_text(markdown_report(report))
+    pareto_plot(report, plot_file)

@@ -13,6 +13,7 @@ from pathlib import Path
 from compression import importance_stage
 from compression.spec import SearchSpec
 from model.contract import (
+    CHECKPOINTS_DIR,
     MODEL_DIR,
     ArtifactRef,
     ArtifactStore,
@@ -29,7 +30,7 @@ from model.contract import (
 
 NAME = "search"
 TAGS = ("gpu",)
-REPORT_DIR = "report"  # search.json, search.md, search_pareto.png
+REPORT_DIR = "report"  # choice.json, measurements/{search.json, search.md, search_pareto.png}
 
 
 def key(spec: SearchSpec, inputs: dict) -> str:
@@ -52,7 +53,8 @@ def run(spec: SearchSpec, inputs: dict, store: ArtifactStore, context: StageCont
         teacher_dir = local_folder(store, teacher)
         net, tokenizer = load_pretrained(teacher_dir, device=device, dtype=inference_dtype(device))
         data_dir = store.fetch(data.uri)
-        short_kd = _launched_short_kd(spec, teacher_dir, tokenizer, data_dir, work / "candidates", device, context)
+        short_kd = _launched_short_kd(spec, teacher_dir, tokenizer, data_dir, work / "candidates", device, store,
+                                      context)
         report = search(net, scores, PackedTokens(data_dir, "train"), PackedTokens(data_dir, "validation"), spec,
                         work / "candidates", short_kd)
         write_report(report, work / REPORT_DIR)
@@ -64,12 +66,13 @@ def run(spec: SearchSpec, inputs: dict, store: ArtifactStore, context: StageCont
 
 
 def _launched_short_kd(spec: SearchSpec, teacher_dir: Path, tokenizer, data_dir: Path, work: Path, device,
-                       context: StageContext):
+                       store: ArtifactStore, context: StageContext):
     """The search's short KD through the distillation stage's own launcher: each finalist is saved,
     distilled by ``compression.distill_stage``'s worker (in this process, or ``num_processes``
     torchrun workers with DDP or FSDP, exactly as the final distillation), and loaded back onto
     ``device`` in its inference dtype to be scored. A candidate whose distillation finished in an
-    earlier attempt is loaded, not retrained."""
+    earlier attempt is loaded, not retrained; one interrupted resumes from its newest checkpoint,
+    kept in the store like the final distillation's."""
     from compression import distill_stage
     from model import distributed
     from model.architectures import load_pretrained
@@ -90,8 +93,9 @@ def _launched_short_kd(spec: SearchSpec, teacher_dir: Path, tokenizer, data_dir:
             launch = {"spec": short_kd_spec.model_dump(mode="json"), "student_dir": str(pruned),
                       "teacher_dir": str(teacher_dir), "data_dir": str(data_dir), "work_dir": str(folder),
                       "description": f"{description} ({context.recipe_name})"}
-            distributed.run_training(distill_stage.__name__, launch, train.num_processes, folder,
-                                     distill_stage.distill_and_save)
+            with store.mirror_checkpoints(folder / CHECKPOINTS_DIR, keep=train.keep_checkpoints):
+                distributed.run_training(distill_stage.__name__, launch, train.num_processes, folder,
+                                         distill_stage.distill_and_save)
         net, _ = load_pretrained(trained, device=device, dtype=inference_dtype(device))
         return net, read_history(trained)["metrics"]
 
@@ -100,8 +104,11 @@ def _launched_short_kd(spec: SearchSpec, teacher_dir: Path, tokenizer, data_dir:
 
 def summary(ref: ArtifactRef, store: ArtifactStore) -> Summary:
     """The candidates as a table (the Prefect UI), the report's files (MLflow)."""
-    folder = store.fetch(ref.uri)
-    report = json.loads((folder / "search.json").read_text())
+    from compression.search import REPORT_FILES
+    from model.digests import MEASUREMENTS_DIR
+
+    folder = store.fetch(ref.uri) / MEASUREMENTS_DIR
+    report = json.loads((folder / REPORT_FILES[0]).read_text())
     rows = [{"chosen": c["chosen"], "layers": c["architecture"]["layer_pattern"],
              "hidden": c["architecture"]["hidden_size"], "ffn": c["architecture"]["intermediate_size"],
              "mamba_heads": c["architecture"]["mamba_num_heads"], "parameters": c["parameters"],

@@ -3,7 +3,7 @@
     metrics.json   every number of every model (the nested results, headline scalars,
                    ratios to the teacher, gate checks)
     report.md      tables of the same, with the charts inline
-    plots/loss_curves.png  training / KD loss of every model that has a training_history.json
+    plots/loss_curves.png  training / KD loss of every model that has a training history (measurements/)
     plots/recall.png       MQAR accuracy against sequence length, passkey against context length
     plots/pareto.png       validation loss against parameters and against decode tokens/s,
                            the teacher and every student on one chart

@@ -196,6 +196,7 @@ class PlanStep:
     result: object  # the stored ref, or a Pending
     cacheable: bool = True  # False: the stage runs every time (its key is None)
     name: str = ""  # what compose calls the result (data, teacher, scores, ...)
+    key: str = ""  # the stage's cache key ("" until its inputs exist, or when never cached)
 
 
 @dataclass
@@ -215,14 +216,14 @@ class PlanRunner:
             return self._record(stage, False, "every run (never cached: idempotent by itself)", cacheable=False)
         stored = self.store.read_ref(ref_key(stage.NAME, key), result_type(stage))
         if stored is None:
-            return self._record(stage, False, f"no stored result for key {key[:12]} (new spec, inputs or code)")
+            return self._record(stage, False, f"no stored result for key {key[:12]} (new spec, inputs or code)", key=key)
         if not self.store.verify(stored.uri, stored.digest):
-            return self._record(stage, False, f"the stored artifact {stored.uri} is missing or changed")
-        return self._record(stage, True, f"{stored.uri}", stored)
+            return self._record(stage, False, f"the stored artifact {stored.uri} is missing or changed", key=key)
+        return self._record(stage, True, f"{stored.uri}", stored, key=key)
 
-    def _record(self, stage, cached: bool, reason: str, result=None, cacheable: bool = True):
+    def _record(self, stage, cached: bool, reason: str, result=None, cacheable: bool = True, key: str = ""):
         result = result if result is not None else Pending(stage.NAME)
-        self.steps.append(PlanStep(stage.NAME, cached, reason, result, cacheable))
+        self.steps.append(PlanStep(stage.NAME, cached, reason, result, cacheable, key=key))
         return result
 
     def name_steps(self, refs: dict) -> list[PlanStep]:

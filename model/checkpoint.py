@@ -3,16 +3,32 @@ checkpoint that looks complete but is not.
 
 One folder per save, ``step_00000100/``, holding
 
-    model.safetensors    the weights
-    optimizer.pt         optimizer and LR-scheduler state (tensors and numbers only;
-                         read back with ``torch.load(weights_only=True)``)
+    model.safetensors    the weights                                     } one process or DDP:
+    optimizer.pt         optimizer and LR-scheduler state                } whole states, rank 0 writes
+  or
+    sharded/             FSDP: weights and optimizer moments, one safetensors file per process,
+                         each tensor's offset in its header (torch.distributed.checkpoint's
+                         Hugging Face format); no process gathers the whole model
+    optimizer.pt         the optimizer's hyperparameters (param_groups) and the LR scheduler
+  and
     rng.pt               torch CPU (and CUDA) RNG states
     trainer_state.json   step, data position, tokens seen, metric history
     COMPLETE             written last: every file's size and sha256
 
+``optimizer.pt`` and ``rng.pt`` hold tensors, numbers and strings only and are read back with
+``torch.load(weights_only=True)``; nothing in a checkpoint is unpickled. A sharded checkpoint
+loads into any number of processes (``torch.distributed.checkpoint`` reads each process's
+slices from the files that hold them), and into one process without a process group; a whole
+one loads into FSDP too (every process reads it and keeps its shard).
+
 The files go into ``.step_00000100.tmp/`` first, the folder is renamed, and the marker is
-written last. ``find_latest`` walks back from the newest folder and skips, with a warning,
-any whose marker is missing or whose files do not match it (a truncated or corrupt save).
+written last. Every process hashes its share of the files (a sharded 8B checkpoint with its
+optimizer state is ~100 GB: hashed by one process, that is minutes with every GPU idle).
+``find_latest`` walks back from the newest folder and skips, with a warning, any whose marker
+is missing or whose files do not match it (a truncated or corrupt save).
+
+``save_checkpoint`` and ``load_checkpoint`` are collectives when the training is distributed:
+every process calls them.
 """
 
 from __future__ import annotations
@@ -24,17 +40,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+import torch.distributed as dist
+from safetensors.torch import load_file, load_model, save_model
 
 from model.digests import file_digest
 from model.fsutil import atomic_write_text, fsync_dir
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+SHARDED_DIR = "sharded"
 RNG_FILE = "rng.pt"
 STATE_FILE = "trainer_state.json"
 MARKER_FILE = "COMPLETE"
 _PREFIX = "step_"
+_MODEL_KEY, _OPTIMIZER_KEY = "model.", "optimizer."  # prefixes of the sharded files' tensor names
 
 
 @dataclass
@@ -43,39 +62,99 @@ class Checkpoint:
     step: int
     state: dict  # trainer_state.json
 
+    @property
+    def sharded(self) -> bool:
+        return (self.path / SHARDED_DIR).is_dir()
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def step_folder(root: Path, step: int) -> Path:
+    return Path(root) / f"{_PREFIX}{step:08d}"
+
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, scheduler, state: dict,
-                    keep: int, full_states: tuple[dict, dict] | None = None) -> Path:
-    """``full_states``: (weights, optimizer state) already gathered from a sharded (FSDP) model,
-    in place of ``model`` and ``optimizer``'s own state dicts."""
-    root = Path(root)
-    final = root / f"{_PREFIX}{step:08d}"
-    tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+                    keep: int, sharded: bool = False) -> Path:
+    """Write step ``step``'s checkpoint under ``root`` and keep the newest ``keep``. Every process
+    calls it; ``sharded``: ``model`` is FSDP-sharded and each process writes its own shard."""
+    final = step_folder(root, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    main = _rank() == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
 
-    if full_states is None:
+    if sharded:
+        _save_sharded(tmp, model, optimizer, scheduler)
+    elif main:
         save_model(model, str(tmp / MODEL_FILE))
-        optimizer_state = optimizer.state_dict()
-    else:
-        weights, optimizer_state = full_states
-        save_file(weights, str(tmp / MODEL_FILE))
-    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / RNG_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-    fsync_dir(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
+    if main:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / RNG_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    _barrier()
 
-    shutil.rmtree(final, ignore_errors=True)  # a stale, unmarked folder from an earlier crash
-    tmp.rename(final)
-    files = {f.name: {"size": f.stat().st_size, "sha256": file_digest(f)} for f in sorted(final.iterdir())}
-    atomic_write_text(final / MARKER_FILE, json.dumps(files, indent=1))
-
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old)
+    files = _hash_files(tmp)  # every process hashes its share
+    if main:
+        for folder in {tmp, *(p.parent for p in tmp.rglob("*") if p.is_file())}:
+            fsync_dir(folder)
+        shutil.rmtree(final, ignore_errors=True)  # a stale, unmarked folder from an earlier crash
+        tmp.rename(final)
+        atomic_write_text(final / MARKER_FILE, json.dumps(files, indent=1))
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old)
+    _barrier()
     return final
+
+
+def _hash_files(folder: Path) -> dict[str, dict]:
+    """Relative path -> size and sha256 of every file under ``folder``; the files are hashed by
+    all processes in turn (a strided share each) and the results gathered on every process."""
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    mine = {n: {"size": (folder / n).stat().st_size, "sha256": file_digest(folder / n)} for n in names[rank::world]}
+    if world == 1:
+        return mine
+    shares = [None] * world
+    dist.all_gather_object(shares, mine)
+    return {n: info for share in shares for n, info in sorted(share.items())}
+
+
+def _flat_tensors(model_state: dict, optimizer_state: dict) -> dict[str, torch.Tensor]:
+    """One flat name -> tensor dict of a model's and its optimizer's (possibly sharded) states:
+    ``model.<parameter>`` and ``optimizer.<parameter>.<exp_avg|exp_avg_sq|step>``. The values are
+    the state dicts' own tensors, so loading into this dict fills the state dicts in place."""
+    tensors = {f"{_MODEL_KEY}{name}": value for name, value in model_state.items()}
+    for parameter, moments in optimizer_state["state"].items():
+        tensors |= {f"{_OPTIMIZER_KEY}{parameter}.{name}": value for name, value in moments.items()}
+    return tensors
+
+
+def _save_sharded(folder: Path, model: torch.nn.Module, optimizer, scheduler) -> None:
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # sharded (DTensor) states, keyed by name
+    save(_flat_tensors(model_state, optimizer_state),
+         storage_writer=HuggingFaceStorageWriter(str(folder / SHARDED_DIR), save_distributed=True))
+    if _rank() == 0:
+        torch.save({"param_groups": optimizer_state["param_groups"], "scheduler": scheduler.state_dict()},
+                   folder / OPTIMIZER_FILE)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -95,7 +174,8 @@ def checkpoint_problem(path: Path) -> str | None:
         files = json.loads(marker.read_text())
     except json.JSONDecodeError:
         return "unreadable COMPLETE marker"
-    for name in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE):
+    sharded = any(name.startswith(f"{SHARDED_DIR}/") for name in files)
+    for name in (OPTIMIZER_FILE, RNG_FILE, STATE_FILE) + (() if sharded else (MODEL_FILE,)):
         if name not in files:
             return f"{name} missing from the marker"
     for name, info in files.items():
@@ -123,12 +203,25 @@ def find_latest(root: Path) -> Checkpoint | None:
 
 def load_checkpoint(checkpoint: Checkpoint, model: torch.nn.Module, optimizer, scheduler,
                     sharded: bool = False) -> None:
-    """Restore weights, optimizer, scheduler and RNG state in place. ``sharded``: ``model`` is
-    FSDP-sharded and the checkpoint holds full states (every process reads them, keeps its shard)."""
-    states = torch.load(checkpoint.path / OPTIMIZER_FILE, weights_only=True)
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    """Restore weights, optimizer, scheduler and RNG state in place; every process calls it.
+    ``sharded``: ``model`` is FSDP-sharded. Either kind of checkpoint loads into either kind of model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+    states = torch.load(checkpoint.path / OPTIMIZER_FILE, weights_only=True)
+    if checkpoint.sharded:
+        from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        # The states to fill, laid out as this run holds them (sharded or whole); the optimizer's
+        # moments exist only after a step, which get_state_dict takes with zero gradients and lr.
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        with warnings.catch_warnings():  # in one process it says it "assumes the intent": the intent it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            load(_flat_tensors(model_state, optimizer_state),
+                 storage_reader=HuggingFaceStorageReader(str(checkpoint.path / SHARDED_DIR)), no_dist=not _distributed())
+        optimizer_state["param_groups"] = states["param_groups"]
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+    elif sharded:
         set_state_dict(model, optimizer, model_state_dict=load_file(str(checkpoint.path / MODEL_FILE)),
                        optim_state_dict=states["optimizer"], options=StateDictOptions(full_state_dict=True))
     else:

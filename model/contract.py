@@ -36,6 +36,7 @@ import ast
 import hashlib
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -44,10 +45,11 @@ from typing import NamedTuple, Protocol, TypeVar
 from pydantic import BaseModel, Field
 
 from model.device import DevicePolicy
-from model.digests import json_digest
+from model.digests import json_digest, spec_digest
 
 EXTERNAL = "external"  # the lineage stage of a checkpoint the factory did not produce (a folder as it is)
 MODEL_DIR = "model"  # where a stage that makes a checkpoint puts it in its work folder (and publishes it from)
+CHECKPOINTS_DIR = "checkpoints"  # where a training stage's loop keeps its resumable checkpoints in its work folder
 StepCallback = Callable[[dict], None]  # called by the training loop with each optimizer step's record
 
 
@@ -142,6 +144,11 @@ class ArtifactStore(Protocol):
 
     def fetch(self, uri: str) -> Path:
         """A local folder with the artifact's files (downloaded if remote)."""
+
+    def mirror_checkpoints(self, local_dir: Path, keep: int) -> AbstractContextManager:
+        """While the body runs, keep the training checkpoints written under ``local_dir`` (inside a
+        ``stage_dir``) in the store, and first restore the store's newest one when the local disk
+        has none as new: what lets a training stage resume on another machine."""
 
     def write_ref(self, key: str, ref: BaseModel) -> str: ...
 
@@ -249,13 +256,14 @@ def parent_digests(inputs: dict) -> list[str]:
 
 
 def stage_key(name: str, module: str, spec, inputs: dict) -> str:
-    """The cache key: stage name, spec digest, input digests, code version."""
-    return json_digest({"stage": name, "spec": json_digest(spec), "inputs": input_digests(inputs),
+    """The cache key: stage name, spec digest (placement fields left out: ``model/digests.py: identity``),
+    input digests, code version."""
+    return json_digest({"stage": name, "spec": spec_digest(spec), "inputs": input_digests(inputs),
                         "code": code_version(module)})
 
 
 def lineage(name: str, module: str, spec, inputs: dict, context: StageContext) -> Lineage:
-    return Lineage(stage=name, spec_digest=json_digest(spec), code_digest=code_version(module),
+    return Lineage(stage=name, spec_digest=spec_digest(spec), code_digest=code_version(module),
                    parents=parent_digests(inputs), recipe_name=context.recipe_name)
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,25 +84,78 @@ def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def launch_workers(module: str, launch: dict, num_processes: int, work_dir: Path) -> None:
-    """Run ``python -m module LAUNCH_FILE`` in ``num_processes`` processes with torchrun, and wait.
+STEPS_FILE = "steps.jsonl"  # in a launch's work folder: rank 0's step records, for the launching process
+
+
+def step_recorder(launch: dict) -> tuple[Callable[[dict], None], ...]:
+    """In a torchrun worker: a training callback that appends each step's record (rank 0 reports)
+    to the launch's steps file, from which the launching process forwards it to its own callbacks
+    (MLflow's live curves, the Prefect progress artifact). Empty outside a launch."""
+    path = launch.get("steps_file")
+    if not path:
+        return ()
+
+    def append(record: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    return (append,)
+
+
+def _forward_steps(path: Path, offset: int, callbacks: Sequence[Callable[[dict], None]]) -> int:
+    """Call ``callbacks`` with each whole record appended to ``path`` after byte ``offset``; the new offset."""
+    if not path.is_file():
+        return offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    whole = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next call
+    for line in whole.splitlines():
+        for callback in callbacks:
+            callback(json.loads(line))
+    return offset + len(whole)
+
+
+def launch_workers(module: str, launch: dict, num_processes: int, work_dir: Path,
+                   callbacks: Sequence[Callable[[dict], None]] = ()) -> None:
+    """Run ``python -m module LAUNCH_FILE`` in ``num_processes`` processes with torchrun, and wait,
+    forwarding rank 0's step records to ``callbacks`` as they come (every second).
 
     ``launch`` (JSON) tells each worker what to train; ``--standalone`` picks a free port."""
-    launch_file = Path(work_dir) / "launch.json"
     from model.fsutil import atomic_write_text
 
-    atomic_write_text(launch_file, json.dumps(launch))
+    work_dir = Path(work_dir)
+    steps_file = work_dir / STEPS_FILE
+    offset = steps_file.stat().st_size if steps_file.is_file() else 0  # records of an earlier attempt: sent then
+    launch_file = work_dir / "launch.json"
+    atomic_write_text(launch_file, json.dumps({**launch, "steps_file": str(steps_file)}))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={num_processes}", "-m", module, str(launch_file)]
     print("launching:", " ".join(command), file=sys.stderr)
-    subprocess.run(command, check=True)
+    process = subprocess.Popen(command)
+    try:
+        while True:
+            try:
+                process.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                offset = _forward_steps(steps_file, offset, callbacks)
+    finally:
+        if process.poll() is None:  # the launcher itself was interrupted: take the workers down too
+            process.terminate()
+            process.wait()
+    _forward_steps(steps_file, offset, callbacks)
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, command)
 
 
-def run_training(module: str, launch: dict, num_processes: int, work_dir: Path, here) -> None:
-    """Run what a launch record describes: ``here(launch)`` in this process, or, with more than
-    one process and not already under torchrun, ``python -m module LAUNCH`` in ``num_processes``
-    torchrun workers (each runs the module's ``__main__``), and wait."""
+def run_training(module: str, launch: dict, num_processes: int, work_dir: Path,
+                 here: Callable[[dict, tuple], None], callbacks: Sequence[Callable[[dict], None]] = ()) -> None:
+    """Run what a launch record describes: ``here(launch, callbacks)`` in this process, or, with more
+    than one process and not already under torchrun, ``python -m module LAUNCH`` in ``num_processes``
+    torchrun workers (each runs the module's ``__main__``), whose rank 0 step records reach
+    ``callbacks`` all the same; and wait."""
     if num_processes > 1 and not under_torchrun():
-        launch_workers(module, launch, num_processes, work_dir)
+        launch_workers(module, launch, num_processes, work_dir, callbacks)
     else:
-        here(launch)
+        here(launch, tuple(callbacks))

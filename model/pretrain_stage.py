@@ -2,8 +2,9 @@
 
     run(PretrainSpec, {"data": DataRef}, store, context) -> ModelRef
 
-Training checkpoints go to the stage's work folder and an interrupted run resumes from the
-newest whole one (``model/train.py``). With ``train.num_processes > 1`` the stage launches
+Training checkpoints go to the stage's work folder (and, with an ``s3://`` root, to the store as
+they are written) and an interrupted run resumes from the newest whole one (``model/train.py``),
+on this machine or another. With ``train.num_processes > 1`` the stage launches
 ``torchrun --standalone --nproc_per_node=N -m model.pretrain_stage LAUNCH`` and waits; every
 worker runs the same loop (DDP or FSDP) and rank 0 saves the checkpoint folder.
 """
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from model.contract import (
+    CHECKPOINTS_DIR,
     MODEL_DIR,
     ArchSummary,
     ArtifactStore,
@@ -61,8 +63,9 @@ def run(spec: PretrainSpec, inputs: dict, store: ArtifactStore, context: StageCo
         launch = {"spec": spec.model_copy(update={"train": train}).model_dump(mode="json"),
                   "data_dir": str(store.fetch(data.uri)), "tokenizer_dir": str(tokenizer_dir), "work_dir": str(work),
                   "description": f"pretrain {context.recipe_name}"}
-        distributed.run_training(__name__, launch, train.num_processes, work,
-                                 lambda here: train_and_save(here, context.training_callbacks(train.steps)))
+        with store.mirror_checkpoints(work / CHECKPOINTS_DIR, keep=train.keep_checkpoints):
+            distributed.run_training(__name__, launch, train.num_processes, work,
+                                     train_and_save, context.training_callbacks(train.steps))
         return Output(work / MODEL_DIR, {"architecture": architecture, "metrics": read_history(work / MODEL_DIR)["metrics"]})
 
     label = f"{context.recipe_name}-{spec.model.family}-{format_parameters(architecture.parameters)}"
@@ -93,5 +96,6 @@ def train_and_save(launch: dict, callbacks: tuple = ()) -> None:
 if __name__ == "__main__":  # a torchrun worker
     from model import distributed
 
-    train_and_save(json.loads(Path(sys.argv[1]).read_text()))
+    launch = json.loads(Path(sys.argv[1]).read_text())
+    train_and_save(launch, distributed.step_recorder(launch))
     distributed.teardown(distributed.setup("auto"))

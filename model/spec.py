@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from model.device import Precision
+from model.digests import PLACEMENT
 
 
 class Section(BaseModel):
@@ -228,12 +229,14 @@ class TrainSpec(Section):
                     "initial weights.",
     )
     checkpoint_every: PositiveInt = Field(
-        50,
+        50, json_schema_extra=PLACEMENT,
         description="Save a resumable checkpoint (weights, optimizer, scheduler and RNG state) every N steps and at "
                     "the last step; an interrupted run resumes from the newest complete one.",
     )
     keep_checkpoints: PositiveInt = Field(
-        2, description="How many of the newest checkpoints to keep on disk; older ones are deleted.",
+        2, json_schema_extra=PLACEMENT,
+        description="How many of the newest checkpoints to keep, on the local disk and, where the artifact root is "
+                    "`s3://`, in the store; older ones are deleted.",
     )
     eval_every: PositiveInt = Field(
         100,
@@ -246,18 +249,18 @@ class TrainSpec(Section):
                     "validation split.",
     )
     num_processes: PositiveInt = Field(
-        1,
+        1, json_schema_extra=PLACEMENT,
         description="Training processes on this machine; more than 1 launches "
                     "`torchrun --standalone --nproc_per_node=N` (on CUDA, one GPU per process).",
     )
     parallelism: Literal["ddp", "fsdp"] = Field(
-        "ddp",
+        "ddp", json_schema_extra=PLACEMENT,
         description="With several processes: `ddp` keeps a whole model replica in each process; `fsdp` (FSDP2, "
                     "one shard unit per decoder block) shards weights, gradients and AdamW state, for models whose "
                     "~16 bytes per parameter of training state do not fit one GPU (8B: ~128 GB).",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto",
+        "auto", json_schema_extra=PLACEMENT,
         description="`auto`: CUDA when torch sees a GPU, else the CPU (a worker may pin it with FACTORY_DEVICE); "
                     "`cpu` or `cuda` choose it, and `cuda` without a GPU is an error.",
     )
@@ -270,7 +273,7 @@ class TrainSpec(Section):
     )
 
     activation_checkpointing: bool = Field(
-        False,
+        False, json_schema_extra=PLACEMENT,
         description="Keep only each decoder block's input and recompute the block in backward (transformers' "
                     "gradient checkpointing): activation memory of a few tensors per layer instead of every "
                     "intermediate, for about a third more compute. Needed for long sequences at the published "

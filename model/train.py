@@ -5,7 +5,7 @@
         split it across processes and micro-batches; forward, loss, backward
         stop on a non-finite loss; clip; AdamW step; LR schedule step
         every eval_every steps: validation loss
-        every checkpoint_every steps: an atomic checkpoint (model/checkpoint.py)
+        every checkpoint_every steps: an atomic checkpoint (model/checkpoint.py; sharded under FSDP)
 
 Pretraining and distillation share this loop; they differ only in ``loss_fn``.
 
@@ -35,16 +35,19 @@ from tqdm.auto import tqdm
 
 from model import distributed
 from model.checkpoint import find_latest, load_checkpoint, save_checkpoint
-from model.contract import StepCallback
+from model.contract import CHECKPOINTS_DIR, StepCallback
 from model.data import PackedTokens
 from model.device import autocast, enable_tf32, training_precision, weights_dtype
+from model.digests import MEASUREMENTS_DIR
 from model.fsutil import atomic_write_text
 from model.losses import lm_loss
 from model.spec import TrainSpec
 
 # (model, input_ids (B, L), target_mask (B, L-1)) -> sum of per-token losses over the targets
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-HISTORY_FILE = "training_history.json"  # in a trained checkpoint folder: final metrics and every step's record
+# In a trained checkpoint folder: the final metrics and every step's record, wall-clock tokens/s included,
+# so it sits with the measurements, outside the checkpoint's digest (model/digests.py).
+HISTORY_FILE = f"{MEASUREMENTS_DIR}/training_history.json"
 
 
 class TrainingDiverged(RuntimeError):
@@ -158,14 +161,6 @@ def _gradient_sync(model: torch.nn.Module, enabled: bool):
             model.set_requires_gradient_sync(True)
 
 
-def _full_states(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
-    """Whole weights and optimizer state of a FSDP model, on the CPU of the main process (empty on
-    the others). Every process must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir: Path,
           validation: PackedTokens | None = None, loss_fn: LossFn = lm_loss,
           callbacks: Sequence[StepCallback] = (), description: str = "train") -> dict:
@@ -176,7 +171,7 @@ def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir:
     d = distributed.setup(spec.device)
     precision = training_precision(spec.precision, d.device)  # fp8 where it cannot run fails here, before any step
     enable_tf32(d.device)
-    checkpoints = Path(work_dir) / "checkpoints"
+    checkpoints = Path(work_dir) / CHECKPOINTS_DIR
     model.to(d.device, torch.float32).train()  # float32 master weights, whatever the checkpoint was saved in
     model_class, model_config = type(model), model.config
     if spec.activation_checkpointing:
@@ -260,11 +255,9 @@ def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir:
             for callback in callbacks:
                 callback(record)
         if record["step"] % spec.checkpoint_every == 0 or record["step"] == spec.steps:
-            full_states = _full_states(model, optimizer) if sharded else None  # a collective: every process
-            if d.is_main:
-                save_checkpoint(checkpoints, record["step"], model, optimizer, scheduler, state, spec.keep_checkpoints,
-                                full_states)
-            distributed.barrier(d)
+            # A collective: under FSDP every process writes its own shard.
+            save_checkpoint(checkpoints, record["step"], model, optimizer, scheduler, state, spec.keep_checkpoints,
+                            sharded)
 
     progress.close()
     trained = model
@@ -286,8 +279,8 @@ def train(model: torch.nn.Module, data: PackedTokens, spec: TrainSpec, work_dir:
 def save_trained(result: dict, out: Path, tokenizer) -> None:
     """``train``'s result as a checkpoint folder: weights and config (``save_pretrained``) in the
     training dtype (bfloat16 for bf16 and fp8 runs, not the float32 master copy; the config's
-    ``dtype`` says which), the tokenizer, and ``training_history.json`` (the final metrics and
-    every step's record)."""
+    ``dtype`` says which), the tokenizer, and ``measurements/training_history.json`` (the final
+    metrics and every step's record)."""
     result["model"].to(weights_dtype(result["precision"])).save_pretrained(out)
     tokenizer.save_pretrained(out)
     metrics = {k: result[k] for k in ("steps", "tokens_seen", "final_loss", "val_loss")}
@@ -295,6 +288,6 @@ def save_trained(result: dict, out: Path, tokenizer) -> None:
 
 
 def read_history(folder: Path) -> dict:
-    """A checkpoint folder's ``training_history.json`` (``{"metrics", "history"}``); empty when it has none."""
+    """A checkpoint folder's training history (``{"metrics", "history"}``); empty when it has none."""
     path = Path(folder) / HISTORY_FILE
     return json.loads(path.read_text()) if path.is_file() else {"metrics": {}, "history": []}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -53,6 +54,10 @@ class LocalStore:
 
     def fetch(self, uri: str) -> Path:
         return fetch_local(uri)
+
+    def mirror_checkpoints(self, local_dir: Path, keep: int):
+        """Nothing to do: a local store's stage folders are in the store, checkpoints included."""
+        return contextlib.nullcontext()
 
     def write_ref(self, key: str, ref: BaseModel) -> str:
         path = self.path / REFS_DIR / f"{key}.json"

@@ -11,15 +11,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model.digests import MANIFEST_NAME, combine_digests, folder_files
+from model.digests import MANIFEST_NAME, combine_digests, file_digest, folder_files
 
 
-def build_manifest(folder: Path) -> dict:
-    """sha256 and size of every file under ``folder`` (except the manifest) and their digest."""
+def build_manifest(folder: Path, known: dict[str, dict] | None = None) -> dict:
+    """sha256 and size of every file under ``folder`` (except the manifest) and their digest.
+    ``known``: name -> {"size", "sha256"} already computed (a checkpoint's COMPLETE marker); a
+    file listed there at that size is not read again."""
     folder = Path(folder)
-    files = folder_files(folder)
-    return {"digest": combine_digests(files),
-            "files": {name: {"sha256": files[name], "size": (folder / name).stat().st_size} for name in files}}
+    known = known or {}
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and path.name != MANIFEST_NAME:
+            size = path.stat().st_size
+            sha = known[name]["sha256"] if known.get(name, {}).get("size") == size else file_digest(path)
+            files[name] = {"sha256": sha, "size": size}
+    return {"digest": combine_digests({name: info["sha256"] for name, info in files.items()}), "files": files}
 
 
 def read_manifest(folder: Path) -> dict | None:

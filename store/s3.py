@@ -192,14 +192,15 @@ class S3Store:
 
     # ----- the protocol
 
-    def publish(self, local_dir: Path, key: str) -> str:
+    def publish(self, local_dir: Path, key: str, known: dict[str, dict] | None = None, progress: bool = True) -> str:
         """Upload ``local_dir`` to ``<root>/<key>``: the files (multipart when large, retried),
         then stale files removed, then the manifest last. Files already there with the same
-        sha256 are kept, so publishing again after a failure uploads only what is missing."""
+        sha256 are kept, so publishing again after a failure uploads only what is missing.
+        ``known``: sizes and sha256s already computed (``build_manifest``); ``progress``: a bar."""
         from boto3.s3.transfer import ProgressCallbackInvoker, create_transfer_manager
 
         local_dir = Path(local_dir).resolve()
-        manifest = build_manifest(local_dir)
+        manifest = build_manifest(local_dir, known)
         dest = _join(self.prefix, key)
         self._check_bucket()
 
@@ -211,7 +212,8 @@ class S3Store:
             present = self._list(self.bucket, dest)
             todo = [n for n, info in manifest["files"].items() if not self._same_object(dest, n, info, present)]
             total = sum(manifest["files"][n]["size"] for n in todo)
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"upload {key}", disable=None, leave=False) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"upload {key}", disable=None if progress else True,
+                      leave=False) as bar:
                 with self._errors("uploading to", self.bucket, dest):
                     with create_transfer_manager(self.client, self.transfer_config) as manager:
                         futures = [manager.upload(str(local_dir / n), self.bucket, _join(dest, n),
@@ -280,20 +282,30 @@ class S3Store:
         """A local, checked copy of the artifact at ``uri``, downloaded once per digest."""
         if not uri.startswith("s3://"):
             return fetch_local(uri)
-        from boto3.s3.transfer import ProgressCallbackInvoker, create_transfer_manager
-
-        bucket, key = parse_s3_uri(uri)
-        manifest = self._read_manifest(bucket, key)
+        manifest = self._read_manifest(*parse_s3_uri(uri))
         if manifest is None:
             raise FileNotFoundError(f"no published artifact at {uri} (missing {MANIFEST_NAME})")
         dest = self.work / "artifacts" / manifest["digest"]
         if local_copy_is_whole(dest, manifest["digest"]):
             return dest
         shutil.rmtree(dest, ignore_errors=True)  # an older copy someone damaged
+        return self.download(uri, dest, manifest)
+
+    def download(self, uri: str, dest: Path, manifest: dict | None = None, progress: bool = True) -> Path:
+        """The published artifact at ``uri`` into the new folder ``dest``: downloaded beside it,
+        every file checked against the manifest's sha256, then renamed into place."""
+        from boto3.s3.transfer import ProgressCallbackInvoker, create_transfer_manager
+
+        bucket, key = parse_s3_uri(uri)
+        manifest = manifest or self._read_manifest(bucket, key)
+        if manifest is None:
+            raise FileNotFoundError(f"no published artifact at {uri} (missing {MANIFEST_NAME})")
+        dest = Path(dest)
         partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
         total = sum(info["size"] for info in manifest["files"].values())
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {key}", disable=None, leave=False) as bar:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {key}", disable=None if progress else True,
+                  leave=False) as bar:
             with self._errors("downloading", bucket, key):
                 with create_transfer_manager(self.client, self.transfer_config) as manager:
                     futures = []
@@ -311,11 +323,45 @@ class S3Store:
         atomic_write_text(partial / MANIFEST_NAME, json.dumps(manifest, indent=1))
         try:
             partial.rename(dest)
-        except OSError:  # another process fetched the same digest first
+        except OSError:  # another process downloaded the same artifact first
             shutil.rmtree(partial, ignore_errors=True)
             if not local_copy_is_whole(dest, manifest["digest"]):
                 raise
         return dest
+
+    # ----- folders of published folders (training checkpoints)
+
+    def key_of(self, local_path: Path) -> str:
+        """The key a path inside a ``stage_dir`` publishes to (its place under the stage folders)."""
+        stages = self.work / "stages" / self.bucket / self.prefix
+        try:
+            return Path(local_path).resolve().relative_to(stages).as_posix()
+        except ValueError:
+            raise ValueError(f"{local_path} is not inside this store's stage folders ({stages})") from None
+
+    def published_under(self, key: str) -> list[str]:
+        """Names of the published folders directly under ``<root>/<key>`` (those with a manifest), sorted."""
+        names = self._list(self.bucket, _join(self.prefix, key))
+        return sorted(name.removesuffix(f"/{MANIFEST_NAME}") for name in names
+                      if name.count("/") == 1 and name.endswith(f"/{MANIFEST_NAME}"))
+
+    def remove(self, key: str) -> None:
+        """Unpublish ``<root>/<key>`` (manifest first: no reader takes a half-deleted folder), then delete it."""
+        dest = _join(self.prefix, key)
+        with self._errors("removing", self.bucket, dest):
+            self.client.delete_object(Bucket=self.bucket, Key=_join(dest, MANIFEST_NAME))
+            names = list(self._list(self.bucket, dest))
+            for start in range(0, len(names), 1000):
+                batch = [{"Key": _join(dest, n)} for n in names[start : start + 1000]]
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+    def mirror_checkpoints(self, local_dir: Path, keep: int):
+        """While the body runs, every complete checkpoint written under ``local_dir`` is published
+        to the store in the background, and a machine whose disk has none resumes from the store's
+        newest (``store/checkpoint_mirror.py``)."""
+        from store.checkpoint_mirror import CheckpointMirror
+
+        return CheckpointMirror(self, Path(local_dir), self.key_of(local_dir), keep)
 
     def write_ref(self, key: str, ref: BaseModel) -> str:
         self._check_bucket()

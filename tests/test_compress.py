@@ -178,8 +178,8 @@ def test_search_choice_is_reproducible_and_reported(search_setup, tmp_path):
     from compression.search import write_report
 
     write_report(first, tmp_path / "report")
-    assert "**chosen**" in (tmp_path / "report" / "search.md").read_text()
-    assert (tmp_path / "report" / "search_pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "**chosen**" in (tmp_path / "report" / "measurements" / "search.md").read_text()
+    assert (tmp_path / "report" / "measurements" / "search_pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_space_larger_than_max_candidates_is_an_error_before_any_scoring(search_setup, tmp_path, monkeypatch):
@@ -240,5 +240,5 @@ def test_the_search_stage_runs_short_kd_through_the_distillation_launcher(micro_
     (work,) = (p for p in (tmp_path / "store" / "search").iterdir() if p.is_dir())
     launch = json.loads((work / "candidates" / "candidate-0" / "launch.json").read_text())
     assert launch["spec"]["train"]["num_processes"] == 2 and launch["spec"]["train"]["parallelism"] == "fsdp"
-    chosen = json.loads((store.fetch(report.uri) / "search.json").read_text())["chosen"]
+    chosen = json.loads((store.fetch(report.uri) / "measurements" / "search.json").read_text())["chosen"]
     assert chosen["kd_loss"] is not None and "short KD: 2 steps" in chosen["notes"][-1]

@@ -39,7 +39,7 @@ from model.efficiency import analytic_cache_bytes, measure_efficiency, measured_
 from model.nemotron_h import NemotronHForCausalLM, build_config, summarize
 from model.spec import DataSpec, ModelSpec, TokenizerSpec, TrainSpec
 from model.tokenizer import load_tokenizer
-from model.train import global_batch, train
+from model.train import HISTORY_FILE, global_batch, train
 from store.local import LocalStore
 
 from .conftest import prepare_data, run_factory
@@ -372,7 +372,8 @@ def test_evaluate_stage_reports_gates_and_measures_each_model_once(tmp_path, mic
                                                                  monkeypatch):
     store = LocalStore(tmp_path / "store")
     history = [{"step": s, "loss": 6 - 0.1 * s} for s in range(1, 6)]
-    (teacher_dir / "training_history.json").write_text(json.dumps({"metrics": {}, "history": history}))
+    (teacher_dir / HISTORY_FILE).parent.mkdir(exist_ok=True)
+    (teacher_dir / HISTORY_FILE).write_text(json.dumps({"metrics": {}, "history": history}))
     teacher = _published_ref(store, teacher_dir, "pretrain/teacher-run/model", "pretrain")
     student = _published_ref(store, student_dir, "distill/student-run/model", "distill")
 

@@ -78,7 +78,7 @@ def test_every_stage_runs_in_bf16_and_writes_bf16_checkpoints(stages):
         config = json.loads((store.fetch(refs[name].uri) / "config.json").read_text())
         assert config["dtype"] == "bfloat16", name
         assert refs[name].metrics["val_loss"] == refs[name].metrics["val_loss"], name  # finite, not NaN
-    report = json.loads((store.fetch(refs["search"].uri) / "search.json").read_text())
+    report = json.loads((store.fetch(refs["search"].uri) / "measurements" / "search.json").read_text())
     finalists = [c for c in report["candidates"] if c["kd_loss"] is not None]
     assert len(finalists) == 2 and all(c["notes"][-1].startswith("short KD: 2 steps") for c in finalists)
     assert refs["student"].architecture.config["hidden_size"] == report["chosen"]["architecture"]["hidden_size"]

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from model.hymba import HymbaForCausalLM, build_config
+from model.train import HISTORY_FILE
 
 from .conftest import recipe_dict, run_factory, write_recipe
 
@@ -100,7 +101,7 @@ def test_factory_pretrains_a_hymba_recipe(corpus_dir, tmp_path):
 
     result = run_factory("pretrain", str(path), root=root)
     folder = Path(result.stdout.strip().splitlines()[-1])  # the published model folder
-    history = json.loads((folder / "training_history.json").read_text())
+    history = json.loads((folder / HISTORY_FILE).read_text())
     losses = [r["loss"] for r in history["history"]]
     assert losses[-1] < losses[0], losses
     import model.architectures  # noqa: F401  registers the Auto classes in this process

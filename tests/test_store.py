@@ -455,3 +455,79 @@ def test_server_frozen_mid_upload_leaves_no_manifest_and_retry_completes(tmp_pat
         assert reader.partial_seen == [] and reader.whole_seen > 0 and reader.absent_seen > 0
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------------------
+# Training checkpoints kept in the store
+# --------------------------------------------------------------------------------------
+
+
+def _sealed_checkpoint(root: Path, step: int, seed: int) -> Path:
+    """A checkpoint folder as model/checkpoint.py seals it: files, then the COMPLETE marker."""
+    from model.checkpoint import MARKER_FILE, step_folder
+    from model.digests import file_digest
+
+    folder = make_folder(step_folder(root, step), {"sharded/shard-1.safetensors": 3000, "sharded/shard-2.safetensors": 500,
+                                                   "optimizer.pt": 100, "rng.pt": 50}, seed=seed)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / MARKER_FILE).write_text(json.dumps(files))
+    return folder
+
+
+def test_checkpoints_are_mirrored_to_s3_kept_newest_and_restored_on_an_empty_disk(bucket, tmp_path):
+    store = S3Store(f"s3://{bucket}/root")
+    local = store.stage_dir("pretrain", "run-1") / "checkpoints"
+    key = store.key_of(local)
+    assert key == "pretrain/run-1/checkpoints"
+
+    with store.mirror_checkpoints(local, keep=2) as mirror:
+        mirror.poll_seconds = 0.05
+        for step in (10, 20, 30):
+            _sealed_checkpoint(local, step, seed=step)
+            deadline = time.monotonic() + 30
+            while mirror.published != f"step_{step:08d}":
+                assert time.monotonic() < deadline, f"step {step} was not published"
+                time.sleep(0.05)
+        (local / "step_00000040").mkdir()  # a save cut short: no marker, never published
+    assert store.published_under(key) == ["step_00000020", "step_00000030"]
+    assert mirror.uploads == 3 and not (local / ".publishing" / "step_00000030").exists()
+
+    # Another machine: an empty disk gets the newest checkpoint, byte for byte, marker included.
+    other = S3Store(f"s3://{bucket}/root", work_dir=tmp_path / "other-machine")
+    other_local = other.stage_dir("pretrain", "run-1") / "checkpoints"
+    with other.mirror_checkpoints(other_local, keep=2):
+        pass
+    from model.checkpoint import checkpoint_problem, find_latest
+
+    assert find_latest(other_local).step == 30 and checkpoint_problem(other_local / "step_00000030") is None
+    for name in ("sharded/shard-1.safetensors", "sharded/shard-2.safetensors", "trainer_state.json", "COMPLETE"):
+        assert (other_local / "step_00000030" / name).read_bytes() == (local / "step_00000030" / name).read_bytes()
+
+    # A disk that already holds a checkpoint as new as the store's downloads nothing.
+    counts = count_calls(store, "GetObject")
+    with store.mirror_checkpoints(local, keep=2):
+        pass
+    assert counts["GetObject"] == 0
+
+
+def test_a_failing_store_never_stops_the_training_it_mirrors(bucket, tmp_path, monkeypatch, capfd):
+    store = S3Store(f"s3://{bucket}/root")
+    local = store.stage_dir("distill", "run-2") / "checkpoints"
+    failures = []
+
+    def refuse(*args, **kwargs):
+        failures.append(args)
+        raise StoreError("the endpoint is down")
+
+    monkeypatch.setattr(store, "publish", refuse)
+    with store.mirror_checkpoints(local, keep=2) as mirror:
+        mirror.poll_seconds = 0.05
+        _sealed_checkpoint(local, 5, seed=1)
+        deadline = time.monotonic() + 30
+        while not failures:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert mirror.uploads == 0 and store.published_under(store.key_of(local)) == []
+    assert "publishing step_00000005" in capfd.readouterr().err

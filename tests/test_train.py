@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -17,13 +18,13 @@ from safetensors.torch import load_file
 
 from model import pretrain_stage
 from model.architectures import build_model_config, get_family
-from model.checkpoint import MARKER_FILE, checkpoint_problem, find_latest, list_checkpoints
+from model.checkpoint import MARKER_FILE, SHARDED_DIR, checkpoint_problem, find_latest, list_checkpoints
 from model.contract import StageContext
 from model.data import PackedTokens
 from model.pretrain_stage import PretrainSpec
 from model.spec import ModelSpec, TrainSpec
 from model.tokenizer import load_tokenizer
-from model.train import TrainingDiverged, lm_loss, lr_factor, train
+from model.train import HISTORY_FILE, TrainingDiverged, lm_loss, lr_factor, train
 from store.local import LocalStore
 
 from .conftest import REPO, recipe_dict, run_factory, write_recipe
@@ -54,7 +55,7 @@ def test_training_decreases_loss_and_output_loads_with_plain_transformers(micro_
                                         checkpoint_every=6, eval_every=6, eval_batches=2))
     store = LocalStore(tmp_path)
     ref = pretrain_stage.run(spec, {"data": micro_data}, store, StageContext("micro"))
-    history = json.loads((Path(ref.uri) / "training_history.json").read_text())["history"]
+    history = json.loads((Path(ref.uri) / HISTORY_FILE).read_text())["history"]
     assert history[-1]["loss"] < history[0]["loss"] - 0.5
     assert ref.metrics["val_loss"] < math.log(512)
     assert ref.architecture.layer_pattern == "M-*M-" and ref.lineage.parents == [micro_data.digest]
@@ -112,6 +113,53 @@ def test_resume_after_sigkill_reaches_the_same_weights(corpus_dir, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.slow  # a training subprocess on an S3 root, killed, its machine's disk lost
+def test_a_stage_evicted_with_its_disk_resumes_on_another_machine_from_the_store(corpus_dir, tmp_path, s3_env,
+                                                                                 monkeypatch):
+    import boto3
+
+    from store.s3 import S3Store
+
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(
+        corpus_dir, train={"steps": 40, "checkpoint_every": 10, "keep_checkpoints": 2, "eval_every": 20}))
+    straight = tmp_path / "straight"
+    run_factory("pretrain", str(recipe), root=straight)
+
+    bucket = "eviction"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    root = f"s3://{bucket}/factory"
+    first_machine, second_machine = tmp_path / "machine-1", tmp_path / "machine-2"
+    env = dict(__import__("os").environ, FACTORY_ARTIFACT_ROOT=root, FACTORY_WORK_DIR=str(first_machine))
+    child = subprocess.Popen([sys.executable, "-m", "flows.cli", "pretrain", str(recipe)], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    listing = boto3.client("s3")
+    deadline = time.monotonic() + 300
+    while not any(o["Key"].endswith("/checkpoints/step_00000010/manifest.json")
+                  for o in listing.list_objects_v2(Bucket=bucket, Prefix="factory/pretrain/").get("Contents", [])):
+        assert child.poll() is None and time.monotonic() < deadline, "child ended before a checkpoint reached the store"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL
+    shutil.rmtree(first_machine)  # the pod is gone, and its disk with it
+
+    monkeypatch.setenv("FACTORY_WORK_DIR", str(second_machine))
+    resumed = run_factory("pretrain", str(recipe), root=root)
+    assert "downloading it from s3://eviction/factory/pretrain/" in resumed.stderr
+    step = int(re.search(r"resuming pretrain micro from .* \(step (\d+)\)", resumed.stderr).group(1))
+    assert 10 <= step < 40, step
+    model_uri = resumed.stdout.strip().splitlines()[-1]
+    a, b = _tensors(straight / "pretrain"), _tensors(S3Store(root).fetch(model_uri))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # The store keeps the newest keep_checkpoints it published (one sealed while another uploads may be
+    # skipped for the newer one), the last step's among them.
+    store = S3Store(root)
+    key = store.key_of(next(second_machine.glob("stages/eviction/factory/pretrain/*/checkpoints")))
+    published = store.published_under(key)
+    assert len(published) == 2 and published[-1] == "step_00000040", published
+
+
 def test_truncated_newest_checkpoint_is_skipped(micro_data, tmp_path):
     spec = TrainSpec(steps=9, batch_size=8, micro_batch_size=4, lr=1e-2, warmup_steps=2, checkpoint_every=3,
                      keep_checkpoints=5, eval_every=100)
@@ -153,23 +201,25 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(mi
     assert all(math.isfinite(t.float().sum()) for t in load_file(str(state.path / "model.safetensors")).values())
 
 
-def _short_run(data_ref, root: Path, num_processes: int, parallelism: str = "ddp"):
+def _short_run(data_ref, root: Path, num_processes: int, parallelism: str = "ddp", on_step: tuple = ()):
     spec = PretrainSpec(model=ModelSpec(preset="micro"),
                         train=TrainSpec(steps=5, batch_size=8, micro_batch_size=4, lr=1e-2, warmup_steps=1,
                                         eval_every=5, checkpoint_every=2, keep_checkpoints=5,
                                         num_processes=num_processes, parallelism=parallelism))
-    ref = pretrain_stage.run(spec, {"data": data_ref}, LocalStore(root), StageContext("dist"))
+    ref = pretrain_stage.run(spec, {"data": data_ref}, LocalStore(root), StageContext("dist", on_step=on_step))
     return Path(ref.uri), _losses(ref)
 
 
 def _losses(ref) -> list[float]:
-    return [r["loss"] for r in json.loads((Path(ref.uri) / "training_history.json").read_text())["history"]]
+    return [r["loss"] for r in json.loads((Path(ref.uri) / HISTORY_FILE).read_text())["history"]]
 
 
 @pytest.mark.slow  # torchrun with 2 processes
 def test_two_gloo_processes_follow_the_single_process_curve_replicated_or_sharded(micro_data, tmp_path, capfd):
     _, one = _short_run(micro_data, tmp_path / "one", 1)  # one process, 2 micro-batches of 4
-    ddp_model, ddp = _short_run(micro_data, tmp_path / "ddp", 2)  # two processes, 1 micro-batch of 4 each
+    records = []  # what the stage's context hears from rank 0 of the torchrun workers (MLflow's live curves)
+    ddp_model, ddp = _short_run(micro_data, tmp_path / "ddp", 2, on_step=(records.append,))  # 2 processes, 1 micro-batch each
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and [r["loss"] for r in records] == ddp
     fsdp_model, fsdp = _short_run(micro_data, tmp_path / "fsdp", 2, "fsdp")
     assert len(one) == len(ddp) == len(fsdp) == 5
     assert one == pytest.approx(ddp, rel=1e-4)
@@ -182,20 +232,24 @@ def test_two_gloo_processes_follow_the_single_process_curve_replicated_or_sharde
     for name in replicated:
         torch.testing.assert_close(sharded[name], replicated[name], rtol=1e-4, atol=1e-5, msg=name)
 
-    # Resume under FSDP from a whole checkpoint: lose the result and the last checkpoint, re-run.
+    # FSDP saved sharded: one safetensors file per process, no whole copy of the weights anywhere.
     checkpoints = next((tmp_path / "fsdp").glob("pretrain/*/checkpoints"))
-    shutil.rmtree(tmp_path / "fsdp" / "refs")
-    shutil.rmtree(fsdp_model)
-    shutil.rmtree(checkpoints / "step_00000005")
-    # The sharded path really ran: its gathered optimizer state is keyed by parameter name, DDP's by index.
-    optimizer_state = torch.load(checkpoints / "step_00000004" / "optimizer.pt", weights_only=True)["optimizer"]
-    assert all(isinstance(key, str) for key in optimizer_state["state"])
-    capfd.readouterr()
-    resumed_model, resumed = _short_run(micro_data, tmp_path / "fsdp", 2, "fsdp")
-    assert "(step 4)" in capfd.readouterr().err
-    assert resumed == pytest.approx(fsdp, rel=1e-6)
-    for name, tensor in _tensors(resumed_model).items():
-        torch.testing.assert_close(tensor, sharded[name], rtol=1e-6, atol=1e-7, msg=name)
+    step4 = checkpoints / "step_00000004"
+    assert len(list((step4 / SHARDED_DIR).glob("*.safetensors"))) == 2
+    assert not (step4 / "model.safetensors").exists()
+    # Resume from it with 2 processes and with 1 (resharded): lose the result and the last checkpoint,
+    # run again. The number of processes is placement, so both find the same work folder.
+    shutil.copytree(tmp_path / "fsdp", tmp_path / "fsdp-then-one")
+    for root, num_processes in ((tmp_path / "fsdp", 2), (tmp_path / "fsdp-then-one", 1)):
+        shutil.rmtree(root / "refs")
+        shutil.rmtree(next(root.glob("pretrain/*/model")))
+        shutil.rmtree(next(root.glob("pretrain/*/checkpoints/step_00000005")))
+        capfd.readouterr()
+        resumed_model, resumed = _short_run(micro_data, root, num_processes, "fsdp")
+        assert "(step 4)" in capfd.readouterr().err, num_processes
+        assert resumed == pytest.approx(fsdp, rel=1e-5), num_processes
+        for name, tensor in _tensors(resumed_model).items():
+            torch.testing.assert_close(tensor, sharded[name], rtol=1e-5, atol=1e-6, msg=f"{num_processes}: {name}")
 
 
 @pytest.mark.slow  # torchrun with 2 processes
