@@ -22,8 +22,9 @@ slices from the files that hold them), and into one process without a process gr
 one loads into FSDP too (every process reads it and keeps its shard).
 
 The files go into ``.step_00000100.tmp/`` first, the folder is renamed, and the marker is
-written last. Every process hashes its share of the files (a sharded 8B checkpoint with its
-optimizer state is ~100 GB: hashed by one process, that is minutes with every GPU idle).
+written last. In a sharded save every process hashes its share of the files (an 8B checkpoint
+with its optimizer state is ~100 GB: hashed by one process, that is minutes with every GPU
+idle); the folder must be one every process sees (one node's disk, or a shared file system).
 ``find_latest`` walks back from the newest folder and skips, with a warning, any whose marker
 is missing or whose files do not match it (a truncated or corrupt save).
 
@@ -109,7 +110,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, sc
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     _barrier()
 
-    files = _hash_files(tmp)  # every process hashes its share
+    files = _hash_files(tmp, shared=sharded)
     if main:
         for folder in {tmp, *(p.parent for p in tmp.rglob("*") if p.is_file())}:
             fsync_dir(folder)
@@ -122,16 +123,22 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, sc
     return final
 
 
-def _hash_files(folder: Path) -> dict[str, dict]:
-    """Relative path -> size and sha256 of every file under ``folder``; the files are hashed by
-    all processes in turn (a strided share each) and the results gathered on every process."""
-    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
-    mine = {n: {"size": (folder / n).stat().st_size, "sha256": file_digest(folder / n)} for n in names[rank::world]}
-    if world == 1:
-        return mine
+def _hash_files(folder: Path, shared: bool) -> dict[str, dict]:
+    """Relative path -> size and sha256 of every file under ``folder``. ``shared``: every process
+    wrote into ``folder`` (a sharded save, on a file system they all see), so each hashes a
+    strided share of rank 0's listing and rank 0 gathers them; otherwise rank 0 alone."""
+    def hashed(names):
+        return {n: {"size": (folder / n).stat().st_size, "sha256": file_digest(folder / n)} for n in names}
+
+    rank = _rank()
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) if rank == 0 else None
+    if not (shared and _distributed()):
+        return hashed(names) if rank == 0 else {}
+    world = dist.get_world_size()
+    listing = [names]
+    dist.broadcast_object_list(listing, src=0)
     shares = [None] * world
-    dist.all_gather_object(shares, mine)
+    dist.all_gather_object(shares, hashed(listing[0][rank::world]))
     return {n: info for share in shares for n, info in sorted(share.items())}
 
 
