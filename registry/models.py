@@ -1,14 +1,24 @@
 """The model registry: published checkpoints in, versioned and aliased MLflow models out.
 
-    version = register_checkpoint(ref, store, "tiny", run_id=stage_run_id, recipe_digest=..., data_digest=...)
+    model_id, _ = checkpoint_model(ref, store, pretrain_run_id)  # the training stage's run logs its checkpoint
+    log_evaluation(evaluate_run_id, evaluation, store, inputs)    # evaluation metrics linked to each logged model
+    version = register_checkpoint(ref, store, "tiny", run_id=register_run_id, recipe_digest=..., data_digest=...)
     set_gate_result("tiny", version.version, passed=True)   # the evaluation gate moves @champion
     folder = resolve_checkpoint("models:/tiny@champion")    # a local, digest-checked checkpoint folder
 
-A checkpoint is logged with MLflow's transformers flavor straight from its folder (the
-weights are copied, never loaded into memory) and registered as a version whose tags
-carry its lineage: the checkpoint digest, stage, recipe and data digests, tokens seen,
-parameter count, git commit, and the parent model's name and version (found in the
-registry by the parent checkpoint's digest, or given). Every new version gets the
+A checkpoint is an MLflow logged model, logged with MLflow's transformers flavor straight from
+its folder (the weights are copied, never loaded into memory) by the run of the stage that
+made it (``pretrain``, ``distill``: ``tracking.log_stage_result``), tagged with its digest.
+Registration finds that logged model by digest anywhere in the experiment and makes the
+version from it, so the version's source run is the training run (whose inputs hold the
+data it trained on), and its page shows the logged model's metrics: the checkpoint's own
+(``checkpoint/*``) and every evaluation's (``log_evaluation``). A checkpoint no stage logged
+(a recipe's ``start_from``, an untracked run) is logged by the first tracked step that needs
+it: the evaluate stage's run, or registration itself.
+
+A version's tags carry its lineage: the checkpoint digest, stage, recipe and data digests,
+tokens seen, parameter count, git commit, and the parent model's name and version (found in
+the registry by the parent checkpoint's digest, or given). Every new version gets the
 ``candidate`` alias; ``champion`` moves only through ``set_gate_result(passed=True)``.
 
 Registration is idempotent on the checkpoint digest. Each step looks for its own earlier
@@ -22,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 import shutil
 import threading
@@ -31,16 +42,20 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from model.contract import ModelRef
+from model.contract import DataRef, ModelRef
 from model.digests import MANIFEST_NAME, combine_digests, folder_files
 from model.fsutil import atomic_write_text
 from registry.secrets import scrub_text
 from registry.tracking import (
+    checkpoint_metrics,
     client,
     configure_tracking,
+    data_input,
+    dataset_identity,
     ensure_experiment,
     finish_run,
     git_commit,
+    log_metrics,
     metric_name,
 )
 from store import work_root
@@ -81,10 +96,13 @@ def register_checkpoint(ref: ModelRef, store, model_name: str, *, run_id: str | 
                         gate_passed: bool | None = None) -> ModelVersionRef:
     """Register the published checkpoint ``ref`` as a version of ``model_name``; idempotent.
 
-    ``run_id`` is the (stage) run the logged model belongs to; without one a short
-    ``register`` run is made in ``experiment`` (default: the model name). ``parent`` is the
-    (name, version) it derives from; by default the first of ``ref.lineage.parents`` that
-    is a registered checkpoint. ``gate_passed`` (when given) is passed to set_gate_result.
+    The version is made from the checkpoint's logged model, found by digest in the experiment
+    of ``run_id`` (or ``experiment``, default: the model name), and its run is the one that
+    logged it: the training stage's run. When no run logged it yet, it is logged now into
+    ``run_id`` (the register stage's run), or without one into a short ``register`` run.
+    ``parent`` is the (name, version) it derives from; by default the first of
+    ``ref.lineage.parents`` that is a registered checkpoint. ``gate_passed`` (when given) is
+    passed to set_gate_result.
     """
     if not store.verify(ref.uri, ref.digest):
         raise ValueError(f"{scrub_text(ref.uri)} is not a whole published checkpoint with digest {ref.digest[:12]}; "
@@ -95,25 +113,15 @@ def register_checkpoint(ref: ModelRef, store, model_name: str, *, run_id: str | 
     if existing is not None:
         mv, created = existing, False
     else:
-        own_run = run_id is None
-        if own_run:
-            run_id = c.create_run(ensure_experiment(experiment or model_name), run_name=f"register {model_name}",
-                                  tags={"factory.kind": "register"}).info.run_id
-        try:
-            experiment_id = c.get_run(run_id).info.experiment_id
-            model_id = _logged_model_with_digest(c, experiment_id, ref.digest)
-            if model_id is None:
-                model_id = _log_checkpoint(c, store.fetch(ref.uri), run_id, experiment_id, ref.digest)
-            tags = lineage_tags(c, ref, recipe_digest, data_digest, parent, key_metrics)
-            mv = c.create_model_version(model_name, source=f"models:/{model_id}", run_id=run_id, tags=tags,
-                                        model_id=model_id, description=_description(ref, tags))
-        except BaseException:
-            if own_run:
-                finish_run(run_id, "FAILED")
-            raise
-        if own_run:
-            finish_run(run_id)
+        experiment_id = c.get_run(run_id).info.experiment_id if run_id else ensure_experiment(experiment or model_name)
+        model = _logged_model_with_digest(c, experiment_id, ref.digest)
+        if model is None:
+            model = c.get_logged_model(_log_for_registration(c, ref, store, model_name, run_id, experiment_id))
+        tags = lineage_tags(c, ref, recipe_digest, data_digest, parent, key_metrics)
+        mv = c.create_model_version(model_name, source=f"models:/{model.model_id}", run_id=model.source_run_id,
+                                    tags=tags, model_id=model.model_id, description=_description(ref, tags))
         mv, created = _keep_oldest_twin(c, model_name, ref.digest, mv)
+    _link_logged_model(c, mv)
 
     latest = max(int(v.version) for v in _search_versions(c, f"name = '{_quote(model_name)}'"))
     if (created or int(mv.version) == latest) and str(c.get_registered_model(model_name).aliases.get(CANDIDATE)) != str(mv.version):
@@ -121,6 +129,112 @@ def register_checkpoint(ref: ModelRef, store, model_name: str, *, run_id: str | 
     if gate_passed is not None:
         set_gate_result(model_name, mv.version, gate_passed)
     return _version_ref(c, model_name, mv.version, created)
+
+
+def _link_logged_model(c, mv) -> None:
+    """The logged model's ``mlflow.modelVersions`` tag names the version, as MLflow's server and
+    fluent ``register_model`` leave it (the UI links the model to its versions through it); a
+    client on the embedded SQLite store writes it here. Idempotent."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    model_id = (mv.source or "").removeprefix("models:/")
+    if not model_id.startswith("m-") or "/" in model_id:
+        return
+    linked = json.loads(c.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    if not any(e.get("name") == mv.name and str(e.get("version")) == str(mv.version) for e in linked):
+        entry = {"name": mv.name, "version": int(mv.version)}  # as the server writes it
+        c.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*linked, entry])})
+
+
+def _log_for_registration(c, ref: ModelRef, store, model_name: str, run_id: str | None, experiment_id: str) -> str:
+    """Log a checkpoint no stage logged into ``run_id``, or into a ``register`` run of its own."""
+    own_run = run_id is None
+    if own_run:
+        run_id = c.create_run(experiment_id, run_name=f"register {model_name}",
+                              tags={"factory.kind": "register"}).info.run_id
+    try:
+        model_id, _ = checkpoint_model(ref, store, run_id, with_metrics=True)
+    except BaseException:
+        if own_run:
+            finish_run(run_id, "FAILED")
+        raise
+    if own_run:
+        finish_run(run_id)
+    return model_id
+
+
+def checkpoint_model(ref: ModelRef, store, run_id: str, *, with_metrics: bool = False) -> tuple[str, bool]:
+    """The logged model of checkpoint ``ref``: the one logged before in ``run_id``'s experiment
+    (by any run: found by digest), else logged now, as an output of ``run_id``. Returns (its
+    id, whether it was logged now). ``with_metrics``: a model logged now gets the checkpoint's
+    metrics (``checkpoint/<name>``, logged into ``run_id``), as ``tracking.log_model_ref`` does
+    for a training stage's run."""
+    c = client()
+    experiment_id = c.get_run(run_id).info.experiment_id
+    found = _logged_model_with_digest(c, experiment_id, ref.digest)
+    if found is not None:
+        return found.model_id, False
+    model_id = _log_checkpoint(c, store.fetch(ref.uri), run_id, experiment_id, ref.digest)
+    if with_metrics:
+        log_metrics(run_id, checkpoint_metrics(ref), model_id=model_id)
+    return model_id, True
+
+
+def log_evaluation(run_id: str, evaluation, store, inputs: dict) -> dict[str, str]:
+    """An evaluation's metrics on the logged models it measured, so each registered version's
+    page shows them. ``evaluation`` is the evaluate stage's ref (``models``: label -> checkpoint
+    digest, ``metrics``: label -> scalars), ``inputs`` that stage's inputs (the ModelRefs, by
+    digest, and the ``data`` it measured on).
+
+    ``run_id`` (the evaluate stage's run) gets every measured model as a model input; each
+    model's metrics go, under their own names (``val_loss``, ``kl``, ...: comparable across
+    models and versions), into a run of its own nested under ``run_id`` ("evaluate <label>"),
+    linked to the model (``model_id``) and to the data. Metrics a model already holds with the
+    same value (an evaluation run again) are not logged twice. Returns label -> model id."""
+    from mlflow.entities import LoggedModelInput
+
+    refs = {}
+    for value in inputs.values():
+        for ref in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(ref, ModelRef):
+                refs[ref.digest] = ref
+    data = inputs.get("data") if isinstance(inputs.get("data"), DataRef) else None
+    dataset_digest = dataset_identity(data)[1] if data is not None else None
+    c = client()
+    linked = {}
+    for label, digest in evaluation.models.items():
+        metrics = {metric_name(k): float(v) for k, v in evaluation.metrics.get(label, {}).items()
+                   if isinstance(v, (int, float)) and math.isfinite(v)}
+        if digest not in refs or not metrics:
+            continue
+        model_id, _ = checkpoint_model(refs[digest], store, run_id, with_metrics=True)
+        linked[label] = model_id
+        held = {(m.key, m.value, m.dataset_digest) for m in c.get_logged_model(model_id).metrics or []}
+        todo = {k: v for k, v in metrics.items() if (k, v, dataset_digest) not in held}
+        if not todo:
+            continue
+        child = _nested_run(c, run_id, f"evaluate {label}", {"factory.kind": "evaluation", "factory.model_label": label,
+                                                              "factory.checkpoint_digest": digest,
+                                                              "factory.model_id": model_id})
+        try:
+            c.log_inputs(child, datasets=[data_input(data, "evaluation")] if data is not None else None,
+                         models=[LoggedModelInput(model_id)])
+            log_metrics(child, todo, model_id=model_id, dataset=data)
+        except BaseException:
+            finish_run(child, "FAILED")
+            raise
+        finish_run(child)
+    if linked:
+        c.log_inputs(run_id, models=[LoggedModelInput(m) for m in dict.fromkeys(linked.values())])
+    return linked
+
+
+def _nested_run(c, parent_run_id: str, name: str, tags: dict[str, str]) -> str:
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    parent = c.get_run(parent_run_id)
+    tags = {MLFLOW_PARENT_RUN_ID: parent_run_id, "factory.recipe": parent.data.tags.get("factory.recipe", ""), **tags}
+    return c.create_run(parent.info.experiment_id, run_name=name, tags=tags).info.run_id
 
 
 def set_gate_result(model_name: str, version: str, passed: bool, metrics: dict[str, float] | None = None) -> None:
@@ -206,18 +320,22 @@ def _pip_requirements() -> list[str]:
 
 
 def _log_checkpoint(c, folder: Path, run_id: str, experiment_id: str, digest: str) -> str:
-    """Log a checkpoint folder with the transformers flavor (files copied, weights never loaded)."""
+    """Log a checkpoint folder with the transformers flavor (files copied, weights never loaded)
+    as a logged model of ``run_id`` (its source run, and an output of it)."""
     import mlflow.transformers
+    from mlflow.entities import LoggedModelOutput
 
     configure_tracking()
     # Created here, in the run's experiment: left to itself, log_model files the model under
     # the process's active experiment (usually Default), whatever run it belongs to.
     logged = c.create_logged_model(experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id,
                                    tags={DIGEST_TAG: digest})
+    # No run_id here: given one, log_model also copies every metric the run holds at step 0 onto
+    # the model (system metrics included), reading each metric's whole history to find them.
     with _LOGGING, _pipeline_impl_as_class():
         info = mlflow.transformers.log_model(transformers_model=str(folder), task=TASK, name=LOGGED_MODEL_NAME,
-                                             run_id=run_id, model_id=logged.model_id,
-                                             pip_requirements=_pip_requirements())
+                                             model_id=logged.model_id, pip_requirements=_pip_requirements())
+    c.log_outputs(run_id, [LoggedModelOutput(info.model_id, step=0)])
     return info.model_id
 
 
@@ -260,11 +378,18 @@ def _keep_oldest_twin(c, name: str, digest: str, mv):
     return mv, True
 
 
-def _logged_model_with_digest(c, experiment_id: str, digest: str) -> str | None:
-    """A whole (READY) logged model of this checkpoint left by an interrupted registration."""
-    models = c.search_logged_models([experiment_id], filter_string=f"tags.{DIGEST_TAG} = '{digest}'")
-    ready = [m for m in models if str(m.status) == "READY"]
-    return ready[0].model_id if ready else None
+def _logged_model_with_digest(c, experiment_id: str, digest: str):
+    """The first whole (READY) logged model of this checkpoint in the experiment: logged by the
+    stage that made it, an evaluation, or an interrupted registration. None when there is none
+    (a crash mid-upload leaves one PENDING or FAILED: not whole)."""
+    models, token = [], None
+    while True:
+        page = c.search_logged_models([experiment_id], filter_string=f"tags.{DIGEST_TAG} = '{digest}'",
+                                      page_token=token)
+        models += [m for m in page if str(m.status) == "READY"]
+        token = page.token
+        if not token:
+            return min(models, key=lambda m: m.creation_timestamp) if models else None
 
 
 def _registered_parent(c, parent_digests: list[str]) -> tuple[str, str] | None:

@@ -3,8 +3,11 @@
     run(RegistrationSpec, {"model": ModelRef, "data": DataRef, "evaluation": Evaluation (optional)},
         store, context) -> ModelVersionRef
 
-The version carries its lineage as tags (``registry/models.py``) and gets ``@candidate``; with
-an evaluation among the inputs, the model's gate is recorded on it and ``@champion`` moves to
+The version is made from the checkpoint's logged model, which the run of the stage that
+trained it logged (``pretrain``, ``distill``), so its source run is that run; a checkpoint no
+run logged yet (a recipe's ``start_from``) is logged into this stage's run. The version carries
+its lineage as tags (``registry/models.py``) and gets ``@candidate``; with an evaluation among
+the inputs, the model's gate is recorded on it and ``@champion`` moves to
 it only when the gate passed. Never cached (``key`` is None): the registry is its own record,
 and registration is idempotent on the checkpoint digest, so running it again after a crash
 anywhere returns the same version and adds only what is missing.

@@ -5,7 +5,9 @@
     with stage_run(run_id, "pretrain") as stage_id:    a nested run per stage, with system metrics
         log_data_ref(stage_id, data_ref)               the dataset as a run input, with its digest
         pretrain_stage.run(spec, inputs, store, StageContext(on_step=(metrics_callback(stage_id),)))
-        log_model_ref(stage_id, model_ref)             the checkpoint's digest, size and final metrics
+        log_stage_result(stage_id, "pretrain", model_ref, summary, inputs={"data": data_ref}, store=store)
+                                                       the checkpoint as this run's logged model, with its
+                                                       digest, size and final metrics (registry/models.py)
         log_report(stage_id, report); log_files(stage_id, [plot])
     finish_run(run_id)
 
@@ -16,7 +18,9 @@ input and report passes through ``registry.secrets.scrub`` first.
 
 The embedded default (no ``MLFLOW_TRACKING_URI``) is ``sqlite:///<root>/mlflow.db`` with
 artifacts in ``<root>/mlartifacts``; for an ``s3://`` root both live in the local work
-folder (``FACTORY_WORK_DIR``): point ``MLFLOW_TRACKING_URI`` at a server to share them.
+folder (``FACTORY_WORK_DIR``): point ``MLFLOW_TRACKING_URI`` at a server to share them. A flow
+run from a deployment refuses the embedded default (``require_shared_tracking``): on a worker
+that file dies with the pod.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import os
 import re
 import subprocess
 import time
+import typing
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +42,7 @@ from pydantic import BaseModel
 from model.contract import DataRef, ModelRef
 from model.digests import json_digest
 from registry.secrets import install_log_scrubber, scrub, scrub_text, uri_has_credentials
-from store import artifact_root, work_root
+from store import artifact_root, open_store, work_root
 
 REPO = Path(__file__).resolve().parents[1]
 _logger = logging.getLogger(__name__)
@@ -60,6 +65,21 @@ def default_tracking_uri(root: str | None = None) -> str:
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def require_shared_tracking(deployment_id: str | None) -> None:
+    """Refuse the embedded default in a flow run from a deployment (a Prefect worker or ``serve``:
+    ``deployment_id`` is ``prefect.runtime.deployment.id``): there the SQLite file would live on
+    the worker and die with its pod or container, runs, metrics and model registry included.
+    Called by the flows before any stage; ``factory run`` on a laptop keeps the default."""
+    if not deployment_id or os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    raise RuntimeError(
+        f"MLFLOW_TRACKING_URI is not set on this worker, and this flow run comes from deployment {deployment_id}: "
+        f"tracking and the model registry would go to a SQLite file on the worker ({default_tracking_uri()}), "
+        "lost with it. Set MLFLOW_TRACKING_URI to the shared tracking server (e.g. http://mlflow:5000) in the "
+        "work pool's or deployment's env (deploy/README.md); to keep a local file on purpose, name it: "
+        f"MLFLOW_TRACKING_URI={default_tracking_uri()}")
 
 
 def configure_tracking() -> str:
@@ -285,23 +305,42 @@ def metric_name(name: str) -> str:
     return re.sub(r"[^\w\-. :/]", ".", name)
 
 
-def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None, model_id: str | None = None,
+                dataset: DataRef | None = None) -> None:
+    """Finite scalar metrics into ``run_id``; with ``model_id`` also linked to that logged model
+    (its page, and the page of every registered version made from it, shows them), with
+    ``dataset`` to the data they were measured on (as ``log_data_ref`` names it)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(metric_name(k), float(v), now, step or 0) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and math.isfinite(float(v))]
-    client().log_batch(run_id, metrics=batch)
+    name, digest = dataset_identity(dataset) if dataset is not None else (None, None)
+    batch = [Metric(metric_name(k), float(v), now, step or 0, model_id=model_id, dataset_name=name,
+                    dataset_digest=digest)
+             for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))]
+    if batch:
+        client().log_batch(run_id, metrics=batch)
+
+
+def dataset_identity(ref: DataRef) -> tuple[str, str]:
+    """The (name, digest) MLflow knows the packed data by, in run inputs and on metrics."""
+    # MLflow keeps 36 characters of a digest; the full sha256 is the input's factory.digest tag.
+    return scrub_text(f"{ref.source} (seq_len {ref.seq_len})")[:500], ref.digest[:32]
 
 
 def log_data_ref(run_id: str, ref: DataRef, context: str = "training") -> None:
     """The packed data as a run input (``mlflow.log_input``): name, source URI, digest, token counts."""
+    client().log_inputs(run_id, datasets=[data_input(ref, context)])
+
+
+def data_input(ref: DataRef, context: str = "training"):
+    """``ref`` as MLflow's DatasetInput, its context (``training``, ``evaluation``) as MLflow tags it."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+    name, digest = dataset_identity(ref)
     dataset = Dataset(
-        name=scrub_text(f"{ref.source} (seq_len {ref.seq_len})")[:500],
-        digest=ref.digest[:32],  # MLflow keeps 36 characters; the full sha256 is the input's factory.digest tag
+        name=name,
+        digest=digest,
         source_type="s3" if ref.uri.startswith("s3://") else "local",
         source=json.dumps({"uri": scrub_text(ref.uri)}),
         profile=json.dumps({"train_tokens": ref.train_tokens, "validation_tokens": ref.validation_tokens,
@@ -309,22 +348,44 @@ def log_data_ref(run_id: str, ref: DataRef, context: str = "training") -> None:
                             "tokenizer_digest": ref.tokenizer_digest}),
     )
     tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("factory.digest", ref.digest)]
-    client().log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
+    return DatasetInput(dataset, tags=tags)
 
 
-def log_model_ref(run_id: str, ref: ModelRef) -> None:
+def log_model_ref(run_id: str, ref: ModelRef, model_id: str | None = None) -> None:
     """A stage's output checkpoint: digest, URI, size and lineage as tags, its metrics (as
-    ``checkpoint/<name>``), the ref as ``model_ref.json``."""
+    ``checkpoint/<name>``, linked to logged model ``model_id`` when given), the ref as
+    ``model_ref.json``."""
     from mlflow.entities import RunTag
 
     tags = {"factory.checkpoint_digest": ref.digest, "factory.checkpoint_uri": ref.uri,
             "factory.parameters": str(ref.architecture.parameters), "factory.layer_pattern": ref.architecture.layer_pattern,
             "factory.stage": ref.lineage.stage}
+    if model_id:
+        tags["factory.model_id"] = model_id
     c = client()
     c.log_batch(run_id, tags=[RunTag(k, scrub_text(v)) for k, v in tags.items()])
-    # Under checkpoint/ (a group of its own in MLflow's UI), apart from the per-step val_loss curve.
-    log_metrics(run_id, {f"checkpoint/{k}": v for k, v in ref.metrics.items()})
+    log_metrics(run_id, checkpoint_metrics(ref), model_id=model_id)
     c.log_dict(run_id, scrub(ref.model_dump(mode="json")), "model_ref.json")
+
+
+def checkpoint_metrics(ref: ModelRef) -> dict[str, float]:
+    """A checkpoint's own metrics under ``checkpoint/`` (a group of its own in MLflow's UI), apart
+    from the per-step ``val_loss`` curve of the run that trained it."""
+    return {f"checkpoint/{k}": v for k, v in ref.metrics.items()}
+
+
+def training_data(stage, inputs: dict) -> DataRef | None:
+    """The data a training stage trains on: the ``data`` input of a stage whose ``run`` returns a
+    checkpoint (pretrain, distill); None for every other stage (importance and search read data
+    to score a model, evaluate to measure one)."""
+    data = inputs.get("data")
+    if not isinstance(data, DataRef):
+        return None
+    try:
+        returns = typing.get_type_hints(stage.run).get("return")
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: not known to train
+        return None
+    return data if isinstance(returns, type) and issubclass(returns, ModelRef) else None
 
 
 def log_report(run_id: str, report: dict, name: str = "report.json") -> None:
@@ -343,14 +404,30 @@ def log_files(run_id: str, paths: Iterable[str | Path], artifact_path: str | Non
             c.log_artifact(run_id, str(path), artifact_path)
 
 
-def log_stage_result(run_id: str, stage: str, ref, summary, recipe_digest: str = "") -> None:
-    """What a finished stage leaves in its run: data as a run input, a checkpoint's digest, tags
-    and metrics, SDG datasets with their lineage, and the stage summary's metrics and files
-    (``model/contract.py: Summary``, the files under ``<stage>/``)."""
+def log_stage_result(run_id: str, stage: str, ref, summary, recipe_digest: str = "", inputs: dict | None = None,
+                     store=None) -> None:
+    """What a finished stage leaves in its run: data as a run input; a checkpoint's digest, tags
+    and metrics, and, for a training stage (a checkpoint made from a ``data`` input), the
+    checkpoint itself as this run's logged model, which registration later finds by digest; an
+    evaluation's metrics linked to the logged model of every model it measured; SDG datasets
+    with their lineage; and the stage summary's metrics and files (``model/contract.py:
+    Summary``, the files under ``<stage>/``). ``store`` holds the checkpoints (default: the
+    configured one)."""
+    inputs = inputs or {}
     if isinstance(ref, DataRef):
         log_data_ref(run_id, ref)
     elif isinstance(ref, ModelRef):
-        log_model_ref(run_id, ref)
+        model_id = None
+        if isinstance(inputs.get("data"), DataRef):
+            from registry.models import checkpoint_model
+
+            model_id, logged_now = checkpoint_model(ref, store or open_store(), run_id)
+            model_id = model_id if logged_now else None  # an earlier run's model already has its metrics
+        log_model_ref(run_id, ref, model_id)
+    elif callable(getattr(ref, "label_of", None)):  # an evaluation: label -> digest, label -> metrics
+        from registry.models import log_evaluation
+
+        log_evaluation(run_id, ref, store or open_store(), inputs)
     elif getattr(ref, "kind", None) == "sdg_dataset":
         from registry.sdg_tracking import log_sdg_output
 

@@ -19,7 +19,7 @@ from flows.cli import main
 from flows.recipe import parse_recipe
 from model import pretrain_stage
 from model.architectures import build_model_config, get_family
-from model.contract import ArchSummary, DataRef, Lineage, ModelRef, StageContext
+from model.contract import ArchSummary, DataRef, Lineage, ModelRef, StageContext, Summary
 from model.digests import json_digest
 from model.spec import ModelSpec
 from model.tokenizer import load_tokenizer, train_bpe
@@ -131,10 +131,10 @@ def test_pretrained_checkpoint_on_s3_is_tracked_registered_listed_fetched_and_lo
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=MLFLOW_ARTIFACT_BUCKET)["Contents"]]
     assert any(k.endswith("/model/model.safetensors") for k in keys)
 
-    listed = run_factory("models", "list", name, root=store.root).stdout.splitlines()
-    assert listed[0].split()[:3] == ["MODEL", "VERSION", "ALIASES"]
+    listed = run_factory("models", "list", name, "--metrics", "eval_loss", root=store.root).stdout.splitlines()
+    assert listed[0].split()[:3] == ["MODEL", "VERSION", "ALIASES"] and listed[0].split()[7] == "EVAL_LOSS"
     row = listed[1].split()
-    assert row[:4] == [name, "1", "candidate,champion", "pretrain"] and "passed" in row and "eval_loss=5.25" in row
+    assert row[:4] == [name, "1", "candidate,champion", "pretrain"] and row[6:8] == ["passed", "5.25"]
     out = tmp_path / "got"
     assert main(["models", "get", f"{name}@champion", str(out)]) == 0  # in-process: `list` above ran as a command
     assert capsys.readouterr().out.strip().endswith(str(out))
@@ -171,6 +171,122 @@ def test_student_version_points_at_its_teacher(server_store, tokenizer_dir, tmp_
     (row,) = models.list_models(student_name)
     assert row["parent"] == f"{teacher_name}/1" and row["aliases"] == ["candidate"]
     assert row["metrics"] == {"final_loss": "6", "tokens_seen": "2048", "val_loss": "6.1"}
+
+
+def _crash(*args, **kwargs):
+    raise RuntimeError("simulated crash")
+
+
+def test_a_version_shows_its_training_run_with_its_data_and_its_evaluation_metrics(server_store, tokenizer_dir,
+                                                                                   tmp_path, mlflow_server,
+                                                                                   monkeypatch):
+    """What a registry user expects, read back through MlflowClient alone: a version's source run
+    is the stage run that trained the checkpoint (with the data it trained on as its input and
+    the checkpoint as its logged model), and the logged model the version points at holds the
+    evaluation's metrics. The stage runs are made here as tasks/stage_task.py makes them."""
+    from mlflow import MlflowClient
+
+    from compression import distill_stage
+    from evaluation import evaluate_stage
+    from evaluation.gate import GateResult
+    from registry import register_stage
+
+    store = server_store
+    name = unique("lineage")
+    data = DataRef(uri=f"{store.root}/data/micro-x", digest="a" * 64, tokenizer_uri="/t", tokenizer_digest="t" * 64,
+                   source="builtin:stdlib", source_digest="s" * 64, seq_len=64, train_tokens=5000,
+                   validation_tokens=500, lineage=Lineage(stage="data", spec_digest="a", code_digest="b"))
+    teacher = published_ref(store, tmp_path / "teacher", "pretrain/micro-t/model",
+                            micro_checkpoint(tmp_path / "teacher", tokenizer_dir, seed=40), "pretrain", [data.digest])
+    student = published_ref(store, tmp_path / "student", "distill/micro-s/model",
+                            micro_checkpoint(tmp_path / "student", tokenizer_dir, seed=41), "distill",
+                            [teacher.digest, data.digest], metrics={"val_loss": 6.4, "tokens_seen": 4096.0})
+    label = "micro-s"
+    evaluation = evaluate_stage.Evaluation(
+        uri=f"{store.root}/evaluate/micro-e/report", digest="e" * 64, teacher="teacher",
+        lineage=Lineage(stage="evaluate", spec_digest="x", code_digest="y"),
+        models={"teacher": teacher.digest, label: student.digest},
+        metrics={"teacher": {"val_loss": 5.5, "decode_tokens_per_s@b1_L32": 900.0},
+                 label: {"val_loss": 5.75, "kl": 0.25, "decode_tokens_per_s@b1_L32": 1500.0}},
+        gates={label: GateResult(passed=True, checks=[])})
+    evaluate_inputs = {"teacher": teacher, "models": [student], "data": data}
+
+    def training_stage(parent: str, stage, ref: ModelRef, inputs: dict) -> str:
+        with tracking.stage_run(parent, stage.NAME, system_metrics=False) as run:
+            tracking.log_data_ref(run, tracking.training_data(stage, inputs))  # _tracked, at the start
+            tracking.log_stage_result(run, stage.NAME, ref, Summary(), inputs=inputs, store=store)  # _run, at the end
+        return run
+
+    with tracking.factory_run({"name": "micro"}, experiment=name) as run_id:
+        pretrain_run = training_stage(run_id, pretrain_stage, teacher, {"data": data})
+        distill_run = training_stage(run_id, distill_stage, student, {"student": teacher, "teacher": teacher,
+                                                                      "data": data})
+        with tracking.stage_run(run_id, "evaluate", system_metrics=False) as evaluate_run:
+            assert tracking.training_data(evaluate_stage, evaluate_inputs) is None  # measures, trains nothing
+            summary = Summary(metrics={f"{m}/{k}": v for m, values in evaluation.metrics.items() for k, v in values.items()})
+            tracking.log_stage_result(evaluate_run, "evaluate", evaluation, summary, inputs=evaluate_inputs, store=store)
+        with monkeypatch.context() as m:  # a crash before the version exists: the retry below makes it all the same
+            m.setattr(MlflowClient, "create_model_version", _crash)
+            with pytest.raises(RuntimeError, match="simulated crash"):
+                models.register_checkpoint(teacher, store, f"{name}-teacher", experiment=name)
+        versions = {}
+        for model_name, ref, extra in ((f"{name}-teacher", teacher, {}), (name, student, {"evaluation": evaluation})):
+            with tracking.stage_run(run_id, "register", system_metrics=False) as register_run:
+                spec = register_stage.RegistrationSpec(model_name=model_name, experiment=name)
+                versions[model_name] = register_stage.run(spec, {"model": ref, "data": data, **extra}, store,
+                                                          StageContext("micro", parent_run=register_run))
+
+    c = MlflowClient(mlflow_server)
+    for model_name, ref, trained_by, stage in ((name, student, distill_run, "distill"),
+                                               (f"{name}-teacher", teacher, pretrain_run, "pretrain")):
+        mv = c.get_model_version(model_name, versions[model_name].version)
+        # The version page's "Source Run": the training stage's run, nested under the factory's run, with its data.
+        assert mv.run_id == trained_by and mv.tags["checkpoint_digest"] == ref.digest
+        # Its "Source Model": the logged model in its source, models:/<model id> (this backend keeps no model_id).
+        model_id = mv.source.removeprefix("models:/")
+        assert model_id.startswith("m-") and mv.model_id in (None, model_id)
+        run = c.get_run(mv.run_id)
+        assert run.info.run_name == stage and run.data.tags["mlflow.parentRunId"] == run_id
+        (data_input,) = run.inputs.dataset_inputs
+        assert data_input.dataset.digest == data.digest[:32]
+        assert {t.key: t.value for t in data_input.tags} == {"mlflow.data.context": "training",
+                                                             "factory.digest": data.digest}
+        assert [o.model_id for o in run.outputs.model_outputs] == [model_id]
+        # The logged model the version was made from: this run's, with the checkpoint's and the evaluation's metrics.
+        model = c.get_logged_model(model_id)
+        assert model.source_run_id == trained_by and model.tags["checkpoint_digest"] == ref.digest
+        assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": model_name, "version": int(mv.version)}]
+        metrics = {m.key: m for m in model.metrics}
+        assert {k: metrics[f"checkpoint/{k}"].value for k in ref.metrics} == ref.metrics
+        label_of = evaluation.label_of(ref.digest)
+        measured = {tracking.metric_name(k): v for k, v in evaluation.metrics[label_of].items()}
+        assert {k: metrics[k].value for k in measured} == measured
+        assert {metrics[k].dataset_digest for k in measured} == {data.digest[:32]}
+        eval_run = c.get_run(metrics["val_loss"].run_id)  # each model's evaluation: a run under the evaluate run
+        assert eval_run.data.tags["mlflow.parentRunId"] == evaluate_run and eval_run.info.run_name == f"evaluate {label_of}"
+        assert [i.model_id for i in eval_run.inputs.model_inputs] == [model_id]
+        (eval_data,) = eval_run.inputs.dataset_inputs
+        assert {t.key: t.value for t in eval_data.tags}["mlflow.data.context"] == "evaluation"
+    student_version = c.get_model_version(name, versions[name].version)
+    assert student_version.tags["eval_status"] == "passed" and student_version.tags["metric.kl"] == "0.25"
+    assert student_version.tags["parent_model"] == f"{name}-teacher"
+    assert {i.model_id for i in c.get_run(evaluate_run).inputs.model_inputs} == \
+        {c.get_model_version(n, v.version).source.removeprefix("models:/") for n, v in versions.items()}
+    # One logged model per checkpoint: registration made none of its own, and its runs hold no model.
+    experiment_id = c.get_experiment_by_name(name).experiment_id
+    assert len(c.search_logged_models([experiment_id])) == 2
+    registers = c.search_runs([experiment_id], "attributes.run_name = 'register'")
+    assert len(registers) == 2 and not any(r.outputs.model_outputs for r in registers)
+
+    # The evaluation and the registration run again (a retried flow): nothing is added twice.
+    model_id = student_version.source.removeprefix("models:/")
+    held = len(c.get_logged_model(model_id).metrics)
+    with tracking.factory_run({"name": "micro"}, experiment=name) as again, \
+            tracking.stage_run(again, "evaluate", system_metrics=False) as evaluate_again:
+        tracking.log_stage_result(evaluate_again, "evaluate", evaluation, Summary(), inputs=evaluate_inputs, store=store)
+    assert len(c.get_logged_model(model_id).metrics) == held
+    assert models.register_checkpoint(student, store, name, experiment=name).created is False
+    assert len(c.search_logged_models([experiment_id])) == 2
 
 
 def test_registration_is_idempotent_and_survives_crashes_between_steps(server_store, tokenizer_dir, tmp_path,

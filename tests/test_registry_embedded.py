@@ -17,7 +17,7 @@ from model.tokenizer import load_tokenizer, train_bpe
 from registry import models, tracking
 from store import open_store
 
-from .conftest import recipe_dict, run_factory
+from .conftest import REPO, recipe_dict, run_factory
 
 
 @pytest.fixture
@@ -37,6 +37,27 @@ def test_tracking_uri_defaults_to_sqlite_under_the_artifact_root(embedded, monke
     assert tracking.default_tracking_uri() == f"sqlite:///{embedded.parent / 'work' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     assert tracking.tracking_uri() == "http://mlflow.internal:5000"
+
+
+def test_a_flow_run_from_a_deployment_refuses_the_embedded_default_before_any_stage(embedded, monkeypatch):
+    """On a worker (a deployment's flow run) the SQLite file would die with the pod: the flow stops
+    first, naming MLFLOW_TRACKING_URI and how to keep a local file on purpose."""
+    from flows.factory import factory
+
+    monkeypatch.setattr("flows.factory.compose", lambda *a, **k: pytest.fail("a stage ran"))
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "0b6f6c7e-deployment")  # prefect.runtime's test hook
+    with pytest.raises(RuntimeError, match="MLFLOW_TRACKING_URI is not set") as e:
+        factory.fn(str(REPO / "recipes" / "tiny.yaml"))
+    assert f"MLFLOW_TRACKING_URI=sqlite:///{embedded / 'mlflow.db'}" in str(e.value)
+    assert "0b6f6c7e-deployment" in str(e.value) and not (embedded / "mlflow.db").exists()
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # what an unresolved "{{ $MLFLOW_TRACKING_URI }}" becomes
+    with pytest.raises(RuntimeError, match="MLFLOW_TRACKING_URI is not set"):
+        tracking.require_shared_tracking("0b6f6c7e-deployment")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{embedded / 'chosen.db'}")  # a local file, on purpose
+    tracking.require_shared_tracking("0b6f6c7e-deployment")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    tracking.require_shared_tracking(None)  # `factory run` on a laptop: the embedded default
 
 
 def test_training_metrics_reach_mlflow_while_training_and_survive_an_unreachable_server(embedded, monkeypatch,
