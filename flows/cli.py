@@ -242,12 +242,57 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _short_number(value: str) -> str:
+    """A metric tag (``%.6g`` text) in four significant digits: ``5.25193`` -> ``5.252``."""
+    try:
+        return f"{float(value):.4g}"
+    except ValueError:
+        return value or "-"
+
+
+def _count(value: str) -> str:
+    from model.architectures import format_parameters
+
+    return format_parameters(int(value)) if value.isdigit() else "-"
+
+
+def format_models(rows: list[dict], metrics: list[str], all_metrics: bool = False) -> str:
+    """``list_models`` rows as one aligned line per version: name, version, aliases, stage, parameters,
+    tokens seen, eval status, each of ``metrics`` in its own column (``-`` where a version lacks it) and
+    the parent. With ``all_metrics``, a second table lists every metric of every version, one a line."""
+    from registry.tracking import metric_name
+
+    columns = [metric_name(m) for m in metrics if m != "tokens_seen"]  # tokens seen has its own column
+    header = ["MODEL", "VERSION", "ALIASES", "STAGE", "PARAMS", "TOKENS", "EVAL",
+              *(c.upper() for c in columns), "PARENT"]
+    right = {1, 4, 5, *range(7, 7 + len(columns))}  # numbers, right-aligned
+    table = [header]
+    for r in rows:
+        table.append([r["name"], r["version"], ",".join(r["aliases"]) or "-", r["stage"] or "-",
+                      _count(r["parameters"]), _count(r["tokens_seen"]), r["eval_status"] or "-",
+                      *(_short_number(r["metrics"].get(c, "")) for c in columns), r["parent"] or "-"])
+    lines = [_aligned(table, right)]
+    if all_metrics:
+        long = [["MODEL", "VERSION", "METRIC", "VALUE"]]
+        long += [[r["name"], r["version"], name, _short_number(value)] for r in rows
+                 for name, value in r["metrics"].items()]
+        lines += ["", _aligned(long, {1, 3}) if len(long) > 1 else "no metrics recorded"]
+    return "\n".join(lines)
+
+
+def _aligned(table: list[list[str]], right: set[int]) -> str:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                                for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+                     for row in table)
+
+
 def cmd_models_list(args) -> int:
-    """Every registered version: aliases, key metrics and lineage (MLFLOW_TRACKING_URI or the embedded default)."""
+    """Every registered version, one aligned line each: aliases, stage, size, tokens, eval status and
+    the key metrics (MLFLOW_TRACKING_URI or the embedded default)."""
     import json
 
-    from model.architectures import format_parameters
-    from registry.models import list_models
+    from registry.models import DEFAULT_KEY_METRICS, list_models
 
     rows = list_models(args.name)
     if args.json:
@@ -256,16 +301,8 @@ def cmd_models_list(args) -> int:
     if not rows:
         print("no registered models")
         return 0
-    table = [("MODEL", "VERSION", "ALIASES", "STAGE", "PARAMS", "TOKENS", "PARENT", "EVAL", "METRICS", "DIGEST")]
-    for r in rows:
-        metrics = " ".join(f"{k}={v}" for k, v in r["metrics"].items() if k != "tokens_seen")
-        table.append((r["name"], r["version"], ",".join(r["aliases"]) or "-", r["stage"] or "-",
-                      format_parameters(int(r["parameters"])) if r["parameters"].isdigit() else "-",
-                      r["tokens_seen"] or "-", r["parent"] or "-", r["eval_status"] or "-", metrics or "-",
-                      r["digest"][:12] or "-"))
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    metrics = [m for arg in args.metrics or DEFAULT_KEY_METRICS for m in arg.split(",") if m]
+    print(format_models(rows, metrics, args.all_metrics))
     return 0
 
 
@@ -417,9 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="registered models: list, get").add_subparsers(
         dest="models_command", required=True, metavar="ACTION")
-    p = models.add_parser("list", help="versions with aliases, key metrics and lineage")
+    p = models.add_parser("list", help="versions with aliases, key metrics and lineage, one line each")
     p.add_argument("name", nargs="?", help="only this registered model")
-    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--metrics", action="append", metavar="M1,M2",
+                   help="the metric columns, comma-separated (default: the registry's key metrics, val_loss and "
+                        "final_loss; tokens_seen is a column of its own)")
+    p.add_argument("--all-metrics", action="store_true",
+                   help="also list every metric of every version (the gate's included), one a line")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON (every tag, digests included)")
     p.set_defaults(func=cmd_models_list)
     p = models.add_parser("get", help="download a registered checkpoint into OUT_DIR")
     p.add_argument("model", metavar="NAME@ALIAS", help="NAME@ALIAS or NAME/VERSION (models:/ prefix optional)")

@@ -5,7 +5,8 @@
 
 ``factory`` runs everything; ``pretrain``, ``compress``, ``distill`` and ``evaluate`` run
 up to their stage, earlier stages coming from cache; ``sdg`` makes synthetic data. Each flow
-takes the pydantic ``Recipe`` (the Prefect UI renders it as a form) or a path to a recipe file.
+takes the pydantic ``Recipe`` (the Prefect UI renders it as a form) or a path to a recipe file,
+and its runs are named after the recipe: ``tiny: factory``, ``tiny: distill``.
 
 Resuming: a finished stage is a cached task (its key is the stage's own key, so a new flow
 run reuses it), an interrupted training stage resumes from its newest checkpoint, and
@@ -16,6 +17,8 @@ a crash anywhere finishes the work and registers exactly one version.
 
 # No `from __future__ import annotations` here: Prefect builds each flow's parameter form
 # (the UI, deployments) from the real annotations, and string ones do not resolve in a worker.
+from pathlib import Path
+
 from prefect import flow, get_run_logger
 
 from flows.pipeline import compose, context_for, sdg_inputs
@@ -28,6 +31,26 @@ from tasks.stage_task import stage_task
 
 def as_recipe(recipe: Recipe | str) -> Recipe:
     return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+
+
+def run_name(recipe, flow_name: str) -> str:
+    """A flow run's name: ``<recipe name>: <flow>``. ``recipe`` is the run's parameter (a Recipe,
+    its dict, or a path); a file that does not load is named by its stem (the run then fails
+    with the recipe's own errors)."""
+    name = recipe.get("name") if isinstance(recipe, dict) else getattr(recipe, "name", None)
+    if name is None and isinstance(recipe, str | Path):
+        try:
+            name = load_recipe(recipe).name
+        except Exception:  # noqa: BLE001 - naming never fails a run; loading it again reports the error
+            name = Path(recipe).stem
+    return f"{name or 'recipe'}: {flow_name}"
+
+
+def _named_after_the_recipe() -> str:
+    """Prefect's ``flow_run_name`` callable: it runs with the validated parameters in context."""
+    from prefect.runtime import flow_run
+
+    return run_name(flow_run.parameters.get("recipe"), flow_run.flow_name)
 
 
 class PrefectRunner:
@@ -53,8 +76,11 @@ class PrefectRunner:
 
 def _tracked_run(recipe: Recipe, until: str) -> dict:
     """The stages up to ``until`` (or ``sdg``) as tasks, under one parent MLflow run."""
+    from prefect.runtime import deployment
+
     from registry import tracking
 
+    tracking.require_shared_tracking(deployment.id)  # a worker's SQLite file would die with it
     tracking.configure_tracking()
     with tracking.factory_run(recipe, experiment=recipe.registry.resolved_experiment(recipe.name),
                               tags={"factory.until": until}) as run_id:
@@ -69,37 +95,37 @@ def _tracked_run(recipe: Recipe, until: str) -> dict:
     return refs
 
 
-@flow(name="factory", log_prints=True)
+@flow(name="factory", flow_run_name=_named_after_the_recipe, log_prints=True)
 def factory(recipe: Recipe | str) -> dict:
     """The whole factory: pretrain, compress, distill, evaluate, register. Returns the refs."""
     return _tracked_run(as_recipe(recipe), "register")
 
 
-@flow(name="pretrain", log_prints=True)
+@flow(name="pretrain", flow_run_name=_named_after_the_recipe, log_prints=True)
 def pretrain(recipe: Recipe | str) -> dict:
     """Data and the teacher."""
     return _tracked_run(as_recipe(recipe), "pretrain")
 
 
-@flow(name="compress", log_prints=True)
+@flow(name="compress", flow_run_name=_named_after_the_recipe, log_prints=True)
 def compress(recipe: Recipe | str) -> dict:
     """Up to the pruned student (importance, search or target, prune)."""
     return _tracked_run(as_recipe(recipe), "compress")
 
 
-@flow(name="distill", log_prints=True)
+@flow(name="distill", flow_run_name=_named_after_the_recipe, log_prints=True)
 def distill(recipe: Recipe | str) -> dict:
     """Up to the distilled student."""
     return _tracked_run(as_recipe(recipe), "distill")
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", flow_run_name=_named_after_the_recipe, log_prints=True)
 def evaluate(recipe: Recipe | str) -> dict:
     """Up to the evaluation of teacher and student (report and gate)."""
     return _tracked_run(as_recipe(recipe), "evaluate")
 
 
-@flow(name="sdg", log_prints=True)
+@flow(name="sdg", flow_run_name=_named_after_the_recipe, log_prints=True)
 def sdg(recipe: Recipe | str) -> dict:
     """Synthetic data generation: prompts, responses, scores, filters -> SFT and preference datasets."""
     return _tracked_run(as_recipe(recipe), "sdg")

@@ -41,7 +41,7 @@ def prefect_environment() -> None:
     # idle ephemeral server at ~8% of a core (~3-5% without it): the largest cost of orchestration on 2 cores.
     os.environ.setdefault("PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED", "false")
     root = artifact_root()
-    if not root.startswith("s3://"):
+    if not root.startswith("s3://"):  # an s3:// root's task results go to the bucket: tasks/policies.py
         os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(root).resolve() / "prefect-results"))
 
 

@@ -2,11 +2,24 @@
 
 Cache key (docs/resumability.md, level 1): the stage's own ``key`` (model/contract.py): the
 stage name, the digest of the recipe section it reads, the digests of its input refs and its
-code version. Results are the stage's JSON ref, persisted under the artifact root, so a new
-flow run (a schedule, a UI click, ``factory run`` again) reuses every finished stage. The flow
-checks that a cached ref's artifact is still whole and refreshes the task when it is not
-(``flows/factory.py: PrefectRunner``); the stages also skip work whose stored result
-verifies, so even a refreshed task recomputes nothing that is intact.
+code version. Results are the stage's JSON ref, persisted beside the artifacts, so a new flow
+run (a schedule, a UI click, ``factory run`` again, on this machine or another) reuses every
+finished stage. The flow checks that a cached ref's artifact is still whole and refreshes the
+task when it is not (``flows/factory.py: PrefectRunner``); the stages also skip work whose
+stored result verifies, so even a refreshed task recomputes nothing that is intact.
+
+Where results live (``result_storage``), under the cache key as file name:
+
+- a local root: ``<root>/prefect-results/`` (Prefect's local result storage, which
+  ``flows/local_stack.py: prefect_environment`` points there);
+- an ``s3://bucket/prefix`` root: ``s3://bucket/prefix/prefect-results/``, through a prefect-aws
+  ``S3Bucket`` block named ``factory-results-<digest of the root>`` that the first flow run
+  saves on its Prefect server. Its ``AwsCredentials`` hold no secrets: boto3 finds credentials,
+  region and endpoint (``AWS_ENDPOINT_URL`` for MinIO) the standard way on each worker, as the
+  artifact store does. Every worker, and a new machine with an empty disk and a fresh Prefect
+  server, finds the same results. Prefect refuses an unsaved block as a task's
+  ``result_storage`` (``Task.__init__``: "must be persisted server-side"), and results written
+  through one would name no block for readers; hence the saved block, passed by its slug.
 
 Retries: only transient infrastructure errors (S3, the MLflow server, the network) are
 retried with backoff; a bad recipe, a NaN loss or running out of memory fails at once.
@@ -14,11 +27,16 @@ retried with backoff; a bad recipe, a NaN loss or running out of memory fails at
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
 from prefect.cache_policies import CachePolicy
-from prefect.context import TaskRunContext
+from prefect.context import FlowRunContext, TaskRunContext
+
+from store import artifact_root
+
+RESULTS_FOLDER = "prefect-results"
 
 
 class StageCache(CachePolicy):
@@ -34,6 +52,51 @@ class StageCache(CachePolicy):
                     **kwargs: Any) -> str | None:
         key = self.key_fn(inputs[self.spec_arg], inputs.get(self.inputs_arg) or {})
         return None if key is None else f"{task_ctx.task.name}-{key[:40]}"
+
+
+def results_block_name(root: str) -> str:
+    """The name of the results block of an ``s3://`` root: one per root, stable across machines."""
+    from store.s3 import parse_s3_uri
+
+    bucket, prefix = parse_s3_uri(root)
+    return f"factory-results-{hashlib.sha256(f's3://{bucket}/{prefix}'.encode()).hexdigest()[:12]}"
+
+
+_SAVED: set[tuple[str, str]] = set()  # (flow run, block slug): checked once per flow run
+
+
+def result_storage(root: str | None = None) -> str | None:
+    """The ``result_storage`` of the stage tasks for an artifact root (default: ``artifact_root()``).
+
+    None for a local root: Prefect's local result storage, ``<root>/prefect-results`` once
+    ``prefect_environment`` has run. For ``s3://bucket/prefix``, the slug of the S3Bucket block
+    for ``s3://bucket/prefix/prefect-results``, saved on the current Prefect server when it is not
+    there yet (a block edited in the UI, say with credentials of its own, is used as it is)."""
+    root = root or artifact_root()
+    if not root.startswith("s3://"):
+        return None
+    from prefect_aws import AwsCredentials, S3Bucket
+
+    from store.s3 import parse_s3_uri
+
+    name = results_block_name(root)
+    slug = f"{S3Bucket.get_block_type_slug()}/{name}"
+    context = FlowRunContext.get()
+    run = str(context.flow_run.id) if context is not None and context.flow_run is not None else ""
+    if not run or (run, slug) not in _SAVED:
+        bucket, prefix = parse_s3_uri(root)
+        try:
+            S3Bucket.load(name)
+        except ValueError:  # not on this server yet (a fresh server, a new machine's ephemeral one)
+            folder = "/".join(p for p in (prefix, RESULTS_FOLDER) if p)
+            block = S3Bucket(bucket_name=bucket, bucket_folder=folder, credentials=AwsCredentials())
+            try:
+                block.save(name)
+            except ValueError:  # another worker saved it in between
+                S3Bucket.load(name)
+        if run:
+            _SAVED.add((run, slug))
+    return slug
 
 
 TRANSIENT_NAMES = {

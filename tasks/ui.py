@@ -1,12 +1,21 @@
 """What each stage shows in the Prefect UI: a markdown summary, a table, progress and a link to
 its MLflow run. Keys are stable per recipe and stage, so the UI keeps a history. What a stage
-shows beyond its ref comes from its own ``summary`` (plain data, ``model/contract.py: Summary``)."""
+shows beyond its ref comes from its own ``summary`` (plain data, ``model/contract.py: Summary``).
+
+A summary's markdown may show its own files as images (the evaluation report's charts,
+``![pareto](plots/pareto.png)``); the UI would resolve such a link against its own address, so
+``show_result`` embeds those files as ``data:image/...`` URIs, which both Prefect UIs render (V1
+hands the source to ``<img>`` as it is; V2's markdown renderer allows ``data:image/`` sources).
+"""
 
 from __future__ import annotations
 
+import base64
+import mimetypes
 import re
 import time
 from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
 
 from prefect.artifacts import (
     create_link_artifact,
@@ -26,12 +35,42 @@ def artifact_key(recipe_name: str, stage: str) -> str:
 
 
 def show_result(recipe_name: str, stage: str, ref, summary: Summary) -> None:
-    """The stage's markdown (its own, or a summary of the ref) and its table, if it has one."""
-    markdown = summary.markdown or describe_ref(recipe_name, stage, ref, summary.notes)
+    """The stage's markdown (its own, with its images embedded, or a summary of the ref) and its
+    table, if it has one."""
+    markdown = (inline_images(summary.markdown, summary.files)
+                or describe_ref(recipe_name, stage, ref, summary.notes))
     create_markdown_artifact(markdown, key=artifact_key(recipe_name, stage), description=f"{stage} result")
     if summary.table:
         create_table_artifact(summary.table, key=artifact_key(recipe_name, f"{stage}-table"),
                               description=summary.table_description or f"{stage} table")
+
+
+MAX_INLINE_IMAGE_BYTES = 2 * 2**20  # a chart is ~50 KB; the markdown is stored in Prefect's database
+_IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(\s*([^)\s]+)\s*\)")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # http:, https:, data:, ... (rendered as they are)
+
+
+def inline_images(markdown: str, files: list[str]) -> str:
+    """``markdown`` with each relative image link replaced by a ``data:`` URI of the file among
+    ``files`` (local paths) whose path ends with it: ``plots/pareto.png`` is ``<report>/plots/pareto.png``.
+    Links with a scheme stay as they are; an image that is not among the files, or is larger than
+    MAX_INLINE_IMAGE_BYTES, becomes a line of text naming it instead of a broken image."""
+    paths = [Path(f) for f in files]
+
+    def embed(match: re.Match) -> str:
+        alt, target = match.groups()
+        if _URL.match(target) or target.startswith("/"):
+            return match.group(0)
+        parts = PurePosixPath(target).parts
+        path = next((p for p in paths if p.parts[-len(parts):] == parts and p.is_file()), None)
+        mime = mimetypes.guess_type(target)[0] or ""
+        if path is None or not mime.startswith("image/"):
+            return f"*{alt or 'image'}: `{target}` (not available here)*"
+        if (size := path.stat().st_size) > MAX_INLINE_IMAGE_BYTES:
+            return f"*{alt or 'image'}: `{path}` ({size / 2**20:.1f} MiB, too large to show here)*"
+        return f"![{alt}](data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')})"
+
+    return _IMAGE_LINK.sub(embed, markdown)
 
 
 def describe_ref(recipe_name: str, stage: str, ref, notes: str = "") -> str:

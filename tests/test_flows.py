@@ -103,6 +103,14 @@ def test_factory_flow_registers_a_champion_whose_lineage_points_to_its_teacher(c
     assert student.tags["parent_model"] == "micro-teacher" and student.tags["parent_version"] == str(teachers[0].version)
     assert student.tags["checkpoint_digest"] == refs["distilled"].digest
     assert refs["student_version"].uri == f"models:/micro/{student.version}"
+    # The version's source run is the distill stage's run (with its data); its logged model holds the evaluation.
+    distill_run = client().get_run(student.run_id)
+    assert distill_run.info.run_name == "distill"
+    assert {d.dataset.digest for d in distill_run.inputs.dataset_inputs} == {refs["data"].digest[:32]}
+    model = client().get_logged_model(student.source.removeprefix("models:/"))
+    assert model.source_run_id == student.run_id
+    assert {"val_loss", "checkpoint/val_loss"} <= {m.key for m in model.metrics}
+    assert client().get_run(teachers[0].run_id).info.run_name == "pretrain"
 
     # The Prefect UI shows each stage's summary and the training progress.
     from prefect.client.orchestration import get_client
@@ -165,27 +173,51 @@ def test_a_stage_written_elsewhere_runs_as_a_cached_prefect_task(corpus_dir, flo
     assert state.result()["toy"].metadata["parameters"] == state.result()["teacher"].architecture.parameters
 
 
+def _plan(recipe: Path, root: str) -> list:
+    """The plan of ``recipe`` up to evaluation against the store at ``root`` (PlanRunner, nothing runs)."""
+    from flows.pipeline import PlanRunner, compose
+    from flows.recipe import load_recipe
+    from store import open_store
+
+    planner = PlanRunner(open_store(root))
+    return planner.name_steps(compose(load_recipe(str(recipe)), "evaluate", planner))
+
+
 @pytest.mark.slow  # `factory run` subprocesses, killed and run again
-def test_kill_during_distillation_then_rerun_resumes_and_registers_once(corpus_dir, tmp_path):
+def test_killed_during_pretraining_and_distillation_then_rerun_resumes_registers_once_with_a_clean_runs_digests(
+        corpus_dir, tmp_path):
     env = dict(os.environ, FACTORY_ARTIFACT_ROOT=str(tmp_path / "artifacts"), PREFECT_HOME=str(tmp_path / "prefect"),
                MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     for key in ("PREFECT_API_URL", "PREFECT_RESULTS_LOCAL_STORAGE_PATH"):
         env.pop(key, None)
-    recipe = write_recipe(tmp_path / "micro.yaml", recipe_dict(corpus_dir, **FLOW_SECTIONS))
+    pretrain = {"steps": 30, "checkpoint_every": 10, "keep_checkpoints": 5, "eval_every": 30}
+    recipe = write_recipe(tmp_path / "micro.yaml", recipe_dict(corpus_dir, train=pretrain, **FLOW_SECTIONS))
     command = [sys.executable, "-m", "flows.cli", "run", str(recipe)]
     root = tmp_path / "artifacts"
 
-    child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    # The same recipe, never interrupted, in a store of its own (no Prefect needed).
+    clean_root = tmp_path / "clean"
+    clean = subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", str(recipe)], cwd=REPO,
+                           env=dict(env, FACTORY_ARTIFACT_ROOT=str(clean_root)), capture_output=True, text=True,
+                           timeout=900)
+    assert clean.returncode == 0, clean.stderr[-3000:]
 
-    def distill_checkpoint():
-        assert child.poll() is None, "the flow ended before distillation's checkpoint"
-        return list(root.glob("distill/*/checkpoints/step_00000010/COMPLETE"))
+    def run_until_killed(checkpoint: str, what: str) -> None:
+        """Start ``factory run``; SIGKILL the whole job (as when its container dies) once ``checkpoint`` is sealed."""
+        child = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
 
-    _wait_until(distill_checkpoint, 600, "distillation's first checkpoint", every=0.05)
-    # The whole job, as a container or node dies: its ephemeral Prefect server must not outlive the test.
-    os.killpg(child.pid, signal.SIGKILL)
-    assert child.wait() == -signal.SIGKILL
+        def sealed():
+            assert child.poll() is None, f"the flow ended before {what}"
+            return list(root.glob(f"{checkpoint}/COMPLETE"))
+
+        _wait_until(sealed, 600, what, every=0.05)
+        os.killpg(child.pid, signal.SIGKILL)  # its ephemeral Prefect server must not outlive the test either
+        assert child.wait() == -signal.SIGKILL
+
+    run_until_killed("pretrain/*/checkpoints/step_00000010", "pretraining's first checkpoint")
+    assert not list(root.glob("pretrain/*/model/model.safetensors"))
+    run_until_killed("distill/*/checkpoints/step_00000010", "distillation's first checkpoint")
     assert not list(root.glob("distill/*/model/model.safetensors"))
 
     # The plan says what a re-run will do, and why, without starting anything.
@@ -209,6 +241,14 @@ def test_kill_during_distillation_then_rerun_resumes_and_registers_once(corpus_d
     assert "resuming distill micro from" in log
     assert rerun.stdout.strip().splitlines()[-1] == "models:/micro/1"
 
+    # Killed twice and resumed, the run made what the clean run made: the same keys for every stage and the
+    # same digests for every artifact (the evaluation's report holds timings: its key is what must match).
+    killed_plan, clean_plan = _plan(recipe, str(root)), _plan(recipe, str(clean_root))
+    assert all(step.cached for step in killed_plan + clean_plan if step.cacheable)
+    assert [(s.name, s.key) for s in killed_plan] == [(s.name, s.key) for s in clean_plan]
+    digests = lambda plan: {s.name: s.result.digest for s in plan if s.cacheable and s.stage != "evaluate"}  # noqa: E731
+    assert digests(killed_plan) == digests(clean_plan)
+
     # Everything stored now: a third run starts no Prefect server, runs no flow, registers nothing new.
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -219,8 +259,11 @@ def test_kill_during_distillation_then_rerun_resumes_and_registers_once(corpus_d
 
     check = subprocess.run([sys.executable, "-m", "flows.cli", "models", "list", "--json"], cwd=REPO, env=env,
                            capture_output=True, text=True)
-    rows = [r for r in json.loads(check.stdout) if r["name"] == "micro"]
-    assert len(rows) == 1 and "champion" in rows[0]["aliases"]
+    versions = json.loads(check.stdout)
+    student, teacher = ([r for r in versions if r["name"] == name] for name in ("micro", "micro-teacher"))
+    assert len(student) == len(teacher) == 1 and "champion" in student[0]["aliases"]
+    assert student[0]["digest"] == digests(clean_plan)["distilled"]
+    assert teacher[0]["digest"] == digests(clean_plan)["teacher"]
 
 
 @pytest.fixture(scope="module")
@@ -340,6 +383,72 @@ def test_the_ephemeral_prefect_server_yields_to_training_and_dies_with_a_killed_
             pass
 
 
+# One flow run on a "machine": its own disk (FACTORY_WORK_DIR) and its own Prefect (PREFECT_HOME: an
+# ephemeral server and database of its own), as `factory run` starts it; what Prefect recorded: argv[2].
+_FLOW_ON_A_MACHINE = """
+import json, sys
+from flows.local_stack import prefect_environment, start_ephemeral_prefect
+prefect_environment()
+start_ephemeral_prefect()
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from flows.factory import pretrain
+state = pretrain(sys.argv[1], return_state=True)
+flow_run = state.state_details.flow_run_id
+with get_client(sync_client=True) as client:
+    name = client.read_flow_run(flow_run).name
+    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run])))
+open(sys.argv[2], "w").write(json.dumps({"state": state.name, "name": name,
+                                         "tasks": {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}}))
+"""
+
+
+def test_stage_results_in_the_bucket_make_every_stage_cached_on_a_new_machine(corpus_dir, tmp_path, s3_env):
+    """With an s3:// root, the stage tasks' results live in the bucket (tasks/policies.py:
+    result_storage), so a flow run on another machine, with an empty disk and a Prefect server and
+    database of its own, finds every stage Cached and computes nothing."""
+    import boto3
+
+    from tasks.policies import result_storage
+
+    assert result_storage(str(tmp_path / "local")) is None  # a local root: Prefect's local storage, as before
+    bucket = boto3.client("s3")
+    bucket.create_bucket(Bucket="cluster")
+    root = "s3://cluster/factory"
+    recipe = write_recipe(tmp_path / "micro.yaml", recipe_dict(corpus_dir))
+
+    def flow_run_on(machine: str) -> dict:
+        home = tmp_path / machine
+        env = dict(os.environ, FACTORY_ARTIFACT_ROOT=root, FACTORY_WORK_DIR=str(home / "work"),
+                   PREFECT_HOME=str(home / "prefect"), MLFLOW_TRACKING_URI=f"sqlite:///{home}.db")
+        for key in ("PREFECT_API_URL", "PREFECT_RESULTS_LOCAL_STORAGE_PATH"):
+            env.pop(key, None)
+        out = tmp_path / f"{machine}.json"
+        run = subprocess.run([sys.executable, "-c", _FLOW_ON_A_MACHINE, str(recipe), str(out)], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0 and out.is_file(), run.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    def objects() -> dict[str, tuple]:
+        listed = bucket.list_objects_v2(Bucket="cluster", Prefix="factory/")["Contents"]
+        return {o["Key"]: (o["ETag"], o["LastModified"]) for o in listed}
+
+    first = flow_run_on("machine-a")
+    assert first == {"state": "Completed", "name": "micro: pretrain",
+                     "tasks": {"data": "Completed", "pretrain": "Completed"}}, first
+    stored = objects()
+    results = sorted(k.removeprefix("factory/prefect-results/").split("-")[0] for k in stored
+                     if k.startswith("factory/prefect-results/"))
+    assert results == ["data", "pretrain"], sorted(stored)  # the refs, under their cache keys
+
+    second = flow_run_on("machine-b")
+    assert second["state"] == "Completed", second
+    assert second["tasks"] == {"data": "Cached", "pretrain": "Cached"}, second
+    assert objects() == stored  # nothing published, nothing rewritten
+    work = tmp_path / "machine-b" / "work"
+    assert not work.exists() or not any(work.iterdir()), sorted(work.rglob("*"))  # nothing trained or fetched
+
+
 def test_the_ephemeral_server_retries_sqlite_lock_conflicts_itself_and_passes_other_answers():
     """Prefect's server answers a SQLite "database is locked" with a 503 its client retries only
     after 2 s; the ephemeral server's app (flows/local_stack.py) runs such a request again at once."""
@@ -402,6 +511,8 @@ def test_prefect_yaml_and_work_pool_templates_are_valid():
         assert (REPO / recipe).is_file(), recipe
         flow.validate_parameters(deployment["parameters"])  # the UI form accepts them
         assert deployment["work_pool"]["name"].startswith("factory-")
+        # The shared tracking server, from the deploying shell (or the worker's environment).
+        assert deployment["work_pool"]["job_variables"]["env"]["MLFLOW_TRACKING_URI"] == "{{ $MLFLOW_TRACKING_URI }}"
         for schedule in deployment.get("schedules", []):
             from prefect.client.schemas.schedules import CronSchedule
 
@@ -419,6 +530,9 @@ def test_prefect_yaml_and_work_pool_templates_are_valid():
     requests = templates["docker-gpu"]["job_configuration"]["container_create_kwargs"]["device_requests"]
     assert requests[0]["Capabilities"] == [["gpu"]] and requests[0]["Count"] == "{{ gpu_count }}"
     assert "CUDA_VISIBLE_DEVICES" in templates["process"]["variables"]["properties"]["env"]["default"]
+    for name, template in templates.items():  # a deployment made without prefect.yaml still gets a server
+        tracking = template["variables"]["properties"]["env"]["default"]["MLFLOW_TRACKING_URI"]
+        assert tracking.startswith("http://"), (name, tracking)
 
 
 def test_only_transient_infrastructure_errors_are_retried():
