@@ -60,7 +60,6 @@ def start_s3() -> tuple[subprocess.Popen, str]:
 
 def run_once(config, data, spec, work: Path, store: S3Store | None) -> dict:
     """One training run from scratch; its tokens/s over the whole run and the checkpoints published."""
-    shutil.rmtree(work, ignore_errors=True)
     torch.manual_seed(0)
     net = NemotronHForCausalLM(config)
     started = time.perf_counter()
@@ -97,11 +96,11 @@ def main() -> None:
         store = S3Store("s3://bench/factory")
         data, config, spec = training_setup(args.preset, args.steps)
         spec = spec.model_copy(update={"checkpoint_every": args.checkpoint_every, "keep_checkpoints": 2})
-        work = store.stage_dir("pretrain", "bench")
         runs = {"local": [], "upload": []}
         for round_ in range(args.rounds):
             order = ("local", "upload") if round_ % 2 == 0 else ("upload", "local")
             for variant in order:
+                work = store.stage_dir("pretrain", f"round-{round_}-{variant}")  # a fresh prefix: nothing to resume
                 result = run_once(config, data, spec, work, store if variant == "upload" else None)
                 runs[variant].append(result)
                 print(f"round {round_ + 1} {variant:>6}: {result['tokens_per_s']:.0f} tokens/s, "
