@@ -21,6 +21,8 @@ from model.hymba.modeling_hymba import (
 
 from .conftest import recipe_dict
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny forwards: extra OpenMP threads only wait
+
 # docs/architectures.md 2.1: kv_reuse_group of nvidia/Hymba-1.5B-Base
 PUBLISHED_KV_GROUPS = [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10], [11, 12], [13, 14], [16, 17, 18], [19, 20],
                        [21, 22], [23, 24], [25, 26], [27, 28], [29, 30]]

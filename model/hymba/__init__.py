@@ -8,14 +8,16 @@ checkpoint loads with plain ``AutoModelForCausalLM.from_pretrained(folder)``.
 
 Layer patterns use one letter per layer: ``G`` global attention, ``W`` sliding window;
 lower case for a KV consumer (it reuses the K/V of the layer before it). Every layer also
-has SSM heads and an FFN.
+has SSM heads and an FFN. ``ssm_type: mamba1`` is the release's layout (Mamba-1 channels and
+the release's parameter names), in which nvidia/Hymba-1.5B-Base's checkpoint loads as it is.
 
 Axes a compression stage can cut (none implemented here): hidden size (embedding, every
 RMSNorm, in_proj columns, out_proj rows, FFN), FFN neurons, SSM heads (group-aware, the
 same count kept per group) and SSM head channels, attention heads within KV groups (the
 attention width heads x v_head_dim must stay equal to the SSM width heads x head_dim,
 because the branches are averaged), meta tokens, and layers (dropping a KV producer means
-promoting its first consumer).
+promoting its first consumer). With ``ssm_type: mamba1`` the SSM axis is channels of d_inner
+(A, Δ, D and the conv are per channel; B and C are shared), not heads.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import dataclasses
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from model.hymba.configuration_hymba import HymbaConfig, config_problems
+from model.hymba.configuration_hymba import LEGACY_NAMES, HymbaConfig, config_problems
 from model.hymba.modeling_hymba import HymbaCache, HymbaForCausalLM
 
 AutoConfig.register("hymba", HymbaConfig, exist_ok=True)
@@ -62,8 +64,7 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
-CONFIG_FIELDS = {f.name for f in dataclasses.fields(HymbaConfig)} | {
-    "num_memory_tokens", "global_attn_idx", "kv_reuse_group", "mamba_d_state", "mamba_d_conv"}
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(HymbaConfig)} | set(LEGACY_NAMES)
 
 
 def build_config(preset: str, overrides: dict | None = None, **special_tokens) -> HymbaConfig:
@@ -79,17 +80,22 @@ def build_config(preset: str, overrides: dict | None = None, **special_tokens) -
 
 
 def in_proj_rows(config: HymbaConfig, owns_kv: bool = True) -> dict[str, int]:
-    """Rows of a layer's in_proj by part, in order (q | k | v | z | x | B | C | dt)."""
+    """Rows of a layer's in_proj by part, in order: q | k | v | z | x | B | C | dt for Mamba-2,
+    q | k | v | x | z for Mamba-1 (its B, C and Δ come from x_proj)."""
     d_inner = config.mamba_num_heads * config.mamba_head_dim
     gn = config.n_groups * config.ssm_state_size
     kv = config.num_key_value_heads if owns_kv else 0
-    return {"q": config.num_attention_heads * config.head_dim, "k": kv * config.head_dim, "v": kv * config.v_head_dim,
-            "z": d_inner, "x": d_inner, "B": gn, "C": gn, "dt": config.mamba_num_heads}
+    attention = {"q": config.num_attention_heads * config.head_dim, "k": kv * config.head_dim,
+                 "v": kv * config.v_head_dim}
+    if config.ssm_type == "mamba1":
+        return attention | {"x": d_inner, "z": d_inner}
+    return attention | {"z": d_inner, "x": d_inner, "B": gn, "C": gn, "dt": config.mamba_num_heads}
 
 
 def parameters_by_kind(config: HymbaConfig) -> dict[str, int]:
     """Parameter counts as embedding, meta_tokens, attention, ssm, fusion (the out_proj both
-    branches share), ffn, norm, lm_head (absent when tied). Built on the meta device."""
+    branches share), ffn, norm, lm_head (absent when tied). Built on the meta device. The branch
+    norms count with their branch (Mamba-1: pre_avg_layernorm1 attention, the rest of ``mamba`` ssm)."""
     with torch.device("meta"):
         model = HymbaForCausalLM(config)
     kinds = dict.fromkeys(("embedding", "meta_tokens", "attention", "ssm", "fusion", "ffn", "norm", "lm_head"), 0)
@@ -98,13 +104,18 @@ def parameters_by_kind(config: HymbaConfig) -> dict[str, int]:
         if name.endswith("in_proj.weight"):
             layer = int(parts[parts.index("layers") + 1])
             rows = in_proj_rows(config, owns_kv=config.kv_producer(layer) == layer)
-            kinds["attention"] += (rows["q"] + rows["k"] + rows["v"]) * config.hidden_size
-            kinds["ssm"] += (rows["z"] + rows["x"] + rows["B"] + rows["C"] + rows["dt"]) * config.hidden_size
+            attention = rows.pop("q") + rows.pop("k") + rows.pop("v")
+            kinds["attention"] += attention * config.hidden_size
+            kinds["ssm"] += sum(rows.values()) * config.hidden_size
             continue
-        kind = ("embedding" if "embed_tokens" in parts else "meta_tokens" if "meta_tokens" in parts
-                else "lm_head" if parts[0] == "lm_head" else "attention" if "attention" in parts
-                else "ssm" if "ssm" in parts else "fusion" if "out_proj" in parts
-                else "ffn" if "mlp" in parts else "norm")
+        names = set(parts)
+        kind = ("embedding" if "embed_tokens" in names
+                else "meta_tokens" if names & {"meta_tokens", "memory_tokens"}
+                else "lm_head" if parts[0] == "lm_head"
+                else "attention" if names & {"attention", "pre_avg_layernorm1"}
+                else "fusion" if "out_proj" in names
+                else "ssm" if names & {"ssm", "mamba"}
+                else "ffn" if names & {"mlp", "moe"} else "norm")
         kinds[kind] += param.numel()
     return {k: v for k, v in kinds.items() if v}
 
@@ -113,8 +124,8 @@ def summarize(config: HymbaConfig) -> dict:
     """What a ModelRef's ``architecture`` records: family, size, layer pattern, key widths."""
     by_kind = parameters_by_kind(config)
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "head_dim", "v_head_dim", "mamba_num_heads", "mamba_head_dim", "n_groups", "ssm_state_size",
-            "num_meta_tokens", "sliding_window", "vocab_size")
+            "head_dim", "v_head_dim", "ssm_type", "mamba_num_heads", "mamba_head_dim", "n_groups",
+            "ssm_state_size", "num_meta_tokens", "sliding_window", "vocab_size")
     return dict(family="hymba", parameters=sum(by_kind.values()), parameters_by_kind=by_kind,
                 layer_pattern=config.layer_pattern, config={k: getattr(config, k) for k in keys})
 
@@ -122,9 +133,12 @@ def summarize(config: HymbaConfig) -> dict:
 def cache_bytes(config: HymbaConfig, context_length: int, kv_bytes: int = 2, state_bytes: int = 4) -> int:
     """Bytes of one sequence's decoding cache after ``context_length`` tokens, as HymbaCache
     holds it: K/V of KV-producing layers only (window layers: meta tokens + the last W-1
-    positions), the conv inputs (``kv_bytes`` each) and the SSM state (``state_bytes``)."""
+    positions), the conv inputs (``kv_bytes`` each; x | B | C for Mamba-2, x alone for Mamba-1) and
+    the SSM state (``state_bytes``; d_inner x N for either)."""
     per_position = config.num_key_value_heads * (config.head_dim + config.v_head_dim) * kv_bytes
-    conv_dim = config.mamba_num_heads * config.mamba_head_dim + 2 * config.n_groups * config.ssm_state_size
+    conv_dim = config.mamba_num_heads * config.mamba_head_dim
+    if config.ssm_type == "mamba2":
+        conv_dim += 2 * config.n_groups * config.ssm_state_size
     ssm_state = config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size
     total = 0
     for layer in range(config.num_hidden_layers):

@@ -5,9 +5,16 @@ The defaults are the published 1.5B shape, with one deliberate difference: the S
 Mamba-2 (SSD) heads with ``n_groups`` B/C groups, where the release used Mamba-1. The SSM
 width is the published one (d_inner 3200 = 50 heads x 64) and so is its state size (16).
 
+``ssm_type="mamba1"`` is the release's own layout: Mamba-1 SSM channels (``x_proj`` / ``dt_proj``,
+A per channel and state, RMSNorms on dt, B and C) and the release's parameter names throughout,
+so a checkpoint of nvidia/Hymba-1.5B-Base loads key for key. A ``config.json`` written for the
+release's code (it has ``mamba_expand``) is read as such: see ``HymbaConfig.adopt_released_fields``.
+
 This file is copied next to the weights of every checkpoint saved by the factory (the
 config's ``auto_map``), so it imports nothing but transformers.
 """
+
+import math
 
 from transformers import PretrainedConfig
 
@@ -32,20 +39,39 @@ class HymbaConfig(PretrainedConfig):
         v_head_dim (`int`, *optional*, defaults to 128):
             Width of a value head. The attention output (`num_attention_heads * v_head_dim`) is
             averaged with the SSM output (`mamba_num_heads * mamba_head_dim`), so the two must match.
+        ssm_type (`str`, *optional*, defaults to `"mamba2"`):
+            `"mamba2"`: Mamba-2 (SSD) heads in `n_groups` groups, one A, Δ and D per head, under the
+            factory's names (`mixer.ssm.*`). `"mamba1"`: the release's layout, parameter for parameter:
+            Mamba-1 over the d_inner channels (B and C shared by all of them, Δ from a rank
+            `time_step_rank` projection, A per channel and state, D per channel) and the release's
+            names everywhere (`model.memory_tokens`, `model.layers.i.mamba.*`, `pre_moe_layernorm`,
+            `moe.experts.0.*`, `model.final_layernorm`).
         mamba_num_heads (`int`, *optional*, defaults to 50):
-            SSM (Mamba-2) heads per layer; a multiple of `n_groups`.
+            SSM (Mamba-2) heads per layer; a multiple of `n_groups`. With `ssm_type="mamba1"` only
+            `mamba_num_heads * mamba_head_dim`, the SSM width d_inner, matters (Mamba-1 has no heads).
         mamba_head_dim (`int`, *optional*, defaults to 64):
             Channels per SSM head.
         n_groups (`int`, *optional*, defaults to 5):
-            Groups of SSM heads sharing B and C; heads are contiguous per group.
+            Groups of SSM heads sharing B and C; heads are contiguous per group (Mamba-2 only).
         ssm_state_size (`int`, *optional*, defaults to 16):
-            State size N of every SSM head.
+            State size N of every SSM head (every channel, for Mamba-1).
         conv_kernel (`int`, *optional*, defaults to 4):
-            Width of the causal depthwise convolution over the SSM inputs (x, B, C).
+            Width of the causal depthwise convolution over the SSM inputs (x, B, C; x alone for Mamba-1).
         chunk_size (`int`, *optional*, defaults to 128):
-            Chunk length of the chunked SSD scan.
+            Chunk length of the chunked SSD scan (Mamba-1: of the chunked selective scan).
         use_conv_bias (`bool`, *optional*, defaults to `True`):
             Whether the SSM convolution has a bias.
+        time_step_rank (`int`, *optional*):
+            Mamba-1 only: rank of Δ, the width between `x_proj` and `dt_proj`. Defaults to
+            `ceil(hidden_size / 16)`, the release's `"auto"` (100 at the 1.5B shape).
+        ssm_inner_norms (`bool`, *optional*, defaults to `True`):
+            Mamba-1 only: RMSNorms on Δ, B and C after `x_proj` (the release's `mamba_inner_layernorms`).
+        ssm_norm (`str`, *optional*):
+            The normalisation of the SSM output `y * silu(z)` before the branches are averaged (its weight is
+            the paper's b2): `"group"`, RMS over each of the `n_groups` groups of d_inner / n_groups channels
+            (Mamba-2's gated norm, so group-aware pruning keeps groups independent), or `"full"`, RMS over
+            the whole d_inner width as in the release. Defaults to `"group"` for Mamba-2 and to `"full"`
+            for Mamba-1 (which has no groups and requires it).
         time_step_min (`float`, *optional*, defaults to 0.001):
             Lower end of the log-uniform range the SSM step size Δ is initialised in.
         time_step_max (`float`, *optional*, defaults to 0.1):
@@ -70,6 +96,15 @@ class HymbaConfig(PretrainedConfig):
             groups for 32 layers. `[]` disables sharing.
         rope_theta (`float`, *optional*, defaults to 10000.0):
             RoPE base.
+        rope_type (`str`, *optional*, defaults to `"default"`):
+            `"default"`: RoPE with base `rope_theta`. `"ntk"`: the release's NTK-aware scaling, which
+            stretches a model trained at `orig_max_position_embeddings` to `max_position_embeddings` by
+            raising the base to `rope_theta * (f * max / orig - (f - 1)) ** (d / (d - 2))`, with
+            f = `rope_ntk_factor` and d = `head_dim` (74,535 at the 1.5B shape: 2K -> 8K, d 64).
+        rope_ntk_factor (`float`, *optional*, defaults to 2.0):
+            f above; the release fixes it at 2.
+        orig_max_position_embeddings (`int`, *optional*):
+            The context length the model was trained at; required by `rope_type="ntk"` (2048 in the release).
         max_position_embeddings (`int`, *optional*, defaults to 8192):
             The context length the model is meant for (meta tokens not counted).
         rms_norm_eps (`float`, *optional*, defaults to 1e-6):
@@ -85,10 +120,14 @@ class HymbaConfig(PretrainedConfig):
             are on CUDA; the PyTorch path runs otherwise.
 
     Legacy names from the published `config.json` are accepted: `num_memory_tokens`,
-    `global_attn_idx`, `kv_reuse_group`, `mamba_d_state`, `mamba_d_conv`.
+    `global_attn_idx`, `kv_reuse_group`, `mamba_d_state`, `mamba_d_conv`, `mamba_dt_rank`,
+    `mamba_conv_bias`, `mamba_inner_layernorms`; a whole released `config.json` (one with
+    `mamba_expand`) is translated by `adopt_released_fields`.
 
     ```python
     >>> config = HymbaConfig(hidden_size=256, num_hidden_layers=7)  # global 0, 3, 6; KV pairs (1, 2), (4, 5)
+    >>> # the release's layer, names and RoPE:
+    >>> released = HymbaConfig(ssm_type="mamba1", rope_type="ntk", orig_max_position_embeddings=2048)
     ```
     """
 
@@ -103,6 +142,7 @@ class HymbaConfig(PretrainedConfig):
     num_key_value_heads: int = 5
     head_dim: int = 64
     v_head_dim: int = 128
+    ssm_type: str = "mamba2"
     mamba_num_heads: int = 50
     mamba_head_dim: int = 64
     n_groups: int = 5
@@ -110,6 +150,9 @@ class HymbaConfig(PretrainedConfig):
     conv_kernel: int = 4
     chunk_size: int = 128
     use_conv_bias: bool = True
+    time_step_rank: int | str | None = None
+    ssm_inner_norms: bool = True
+    ssm_norm: str | None = None
     time_step_min: float = 0.001
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4
@@ -119,6 +162,9 @@ class HymbaConfig(PretrainedConfig):
     global_attn_layers: list[int] | None = None
     kv_reuse_groups: list[list[int]] | None = None
     rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_ntk_factor: float = 2.0
+    orig_max_position_embeddings: int | None = None
     max_position_embeddings: int = 8192
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
@@ -130,12 +176,15 @@ class HymbaConfig(PretrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
-        # The names of the published config.json (nvidia/Hymba-1.5B-Base), in one place.
-        for legacy, name in (("num_memory_tokens", "num_meta_tokens"), ("global_attn_idx", "global_attn_layers"),
-                             ("kv_reuse_group", "kv_reuse_groups"), ("mamba_d_state", "ssm_state_size"),
-                             ("mamba_d_conv", "conv_kernel")):
+        if "mamba_expand" in kwargs:  # a config.json written for the release's own modeling code
+            self.adopt_released_fields(kwargs)
+        for legacy, name in LEGACY_NAMES.items():
             if legacy in kwargs:
                 setattr(self, name, kwargs.pop(legacy))
+        if self.time_step_rank in (None, "auto"):
+            self.time_step_rank = math.ceil(self.hidden_size / 16)
+        if self.ssm_norm is None:
+            self.ssm_norm = "full" if self.ssm_type == "mamba1" else "group"
         if self.time_step_limit is None:
             self.time_step_limit = [0.0, float("inf")]
         if self.global_attn_layers is None:
@@ -143,6 +192,52 @@ class HymbaConfig(PretrainedConfig):
         if self.kv_reuse_groups is None:
             self.kv_reuse_groups = default_kv_groups(self.num_hidden_layers, self.global_attn_layers)
         super().__post_init__(**kwargs)
+
+    def adopt_released_fields(self, kwargs: dict) -> None:
+        """Set this config from the fields of a config.json written for the release's own code
+        (nvidia/Hymba-1.5B-Base), popping from ``kwargs`` the ones it reads.
+
+        The release derives its widths from ``hidden_size``: q is hidden_size wide (head_dim =
+        hidden / heads), d_inner = ``mamba_expand`` x hidden, and it overwrites ``v_head_dim`` with
+        d_inner / heads so that the attention output is d_inner wide. Here the SSM width is
+        ``mamba_num_heads x mamba_head_dim``, so it becomes heads x v_head_dim. Its window mask is
+        ``q - k <= sliding_window`` (flex and flash attention alike), W + 1 positions with the
+        query's own; the factory counts the query in its window, so ``sliding_window`` becomes W + 1.
+        Options of the release's code that the factory does not implement raise a ValueError.
+        """
+        unsupported = {}
+        for name, supported in RELEASED_FIXED_FIELDS.items():
+            if name in kwargs and kwargs[name] not in supported:
+                unsupported[name] = kwargs[name]
+            kwargs.pop(name, None)
+        head_dim, rest = divmod(self.hidden_size, self.num_attention_heads)
+        d_inner = int(kwargs.pop("mamba_expand") * self.hidden_size)
+        for name in ("attn_hidden_size", "kq_head_dim"):  # -1: "derive it", the only value the release runs
+            value = kwargs.pop(name, -1)
+            if value > 0 and value != (self.hidden_size if name == "attn_hidden_size" else head_dim):
+                unsupported[name] = value
+        if rest or d_inner % self.num_attention_heads:
+            unsupported["num_attention_heads"] = (f"{self.num_attention_heads} must divide hidden_size "
+                                                  f"({self.hidden_size}) and d_inner ({d_inner})")
+        if unsupported:
+            raise ValueError(f"this released Hymba config uses options the factory does not implement: "
+                             f"{unsupported}")
+        for name in RELEASED_RUNTIME_FIELDS:
+            kwargs.pop(name, None)
+
+        self.ssm_type, self.ssm_norm, self.n_groups = "mamba1", "full", 1
+        self.head_dim = head_dim
+        self.v_head_dim = self.mamba_head_dim = d_inner // self.num_attention_heads
+        self.mamba_num_heads = self.num_attention_heads
+        if self.rope_type is None:
+            self.rope_type = "default"  # the release's None: plain RoPE
+        if "kv_reuse_group" in kwargs and kwargs["kv_reuse_group"] is None:
+            kwargs["kv_reuse_group"] = []  # the release's None shares nothing; ours means the default groups
+        if self.sliding_window is None:  # the release without windows: every layer global
+            kwargs["global_attn_idx"] = list(range(self.num_hidden_layers))
+            self.sliding_window = self.max_position_embeddings
+        else:
+            self.sliding_window += 1
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of ``layer``, None for a global-attention layer."""
@@ -161,6 +256,31 @@ class HymbaConfig(PretrainedConfig):
         the layer before it (a KV consumer)."""
         letters = ("W" if self.layer_window(i) else "G" for i in range(self.num_hidden_layers))
         return "".join(c if self.kv_producer(i) == i else c.lower() for i, c in enumerate(letters))
+
+
+# The names of the published config.json (nvidia/Hymba-1.5B-Base) -> ours, in one place.
+LEGACY_NAMES = {"num_memory_tokens": "num_meta_tokens", "global_attn_idx": "global_attn_layers",
+                "kv_reuse_group": "kv_reuse_groups", "mamba_d_state": "ssm_state_size",
+                "mamba_d_conv": "conv_kernel", "mamba_dt_rank": "time_step_rank",
+                "mamba_conv_bias": "use_conv_bias", "mamba_inner_layernorms": "ssm_inner_norms"}
+
+# Options of the release's code the factory implements in one setting only: name -> the values that are it.
+RELEASED_FIXED_FIELDS = {
+    "rope": (True,),  # RoPE on q and k
+    "kq_norm": ("none", None),  # no q/k norms
+    "num_experts": (1,),  # one FFN expert: no router
+    "num_mamba": (1,),  # one SSM per layer
+    "mamba_proj_bias": (False,),  # in_proj / out_proj without bias
+    "hidden_act": ("silu",),  # the SSM conv activation
+    "mlp_hidden_act": ("silu",),  # SwiGLU
+    "memory_tokens_interspersed_every": (0,),  # meta tokens once, in front
+    "kv_reuse_every_i_layer": (-1, 0),  # KV sharing by kv_reuse_group only
+    "kv_weight_reuse": (False,),
+}
+# Fields of the release's config.json that steer its code at run time and mean nothing here.
+RELEASED_RUNTIME_FIELDS = ("attn_implementation", "attn_implementation_new", "layer_type", "conv_dim",
+                           "calc_logits_for_entire_prompt", "num_experts_per_tok", "router_aux_loss_coef",
+                           "output_router_logits")
 
 
 def default_global_layers(num_layers: int) -> list[int]:
@@ -190,7 +310,8 @@ def config_problems(config: HymbaConfig) -> dict[str, str]:
     problems = {}
     positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "v_head_dim", "mamba_num_heads", "mamba_head_dim", "n_groups",
-                "ssm_state_size", "conv_kernel", "chunk_size", "sliding_window", "max_position_embeddings")
+                "ssm_state_size", "conv_kernel", "chunk_size", "time_step_rank", "sliding_window",
+                "max_position_embeddings")
     for name in positive:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -205,8 +326,28 @@ def config_problems(config: HymbaConfig) -> dict[str, str]:
                                            f"({config.num_key_value_heads}), got {config.num_attention_heads}")
     if config.head_dim % 2:
         problems["head_dim"] = f"must be even (RoPE rotates channel pairs), got {config.head_dim}"
-    if config.mamba_num_heads % config.n_groups:
+    if config.ssm_type not in ("mamba1", "mamba2"):
+        problems["ssm_type"] = f"must be 'mamba1' or 'mamba2', got {config.ssm_type!r}"
+    if config.ssm_norm not in ("group", "full"):
+        problems["ssm_norm"] = f"must be 'group' or 'full', got {config.ssm_norm!r}"
+    elif config.ssm_type == "mamba1" and config.ssm_norm != "full":
+        problems["ssm_norm"] = "must be 'full' with ssm_type 'mamba1': Mamba-1 has no B/C groups to norm over"
+    if config.ssm_type == "mamba2" and config.mamba_num_heads % config.n_groups:
         problems["mamba_num_heads"] = f"must be a multiple of n_groups ({config.n_groups}), got {config.mamba_num_heads}"
+    if config.rope_type not in ("default", "ntk"):
+        problems["rope_type"] = f"must be 'default' or 'ntk', got {config.rope_type!r}"
+    elif config.rope_type == "ntk":
+        orig = config.orig_max_position_embeddings
+        longest = config.max_position_embeddings
+        if not isinstance(orig, int) or isinstance(orig, bool) or not 0 < orig <= longest:
+            problems["orig_max_position_embeddings"] = (
+                f"rope_type 'ntk' needs the trained context length, a positive integer up to "
+                f"max_position_embeddings ({longest}), got {orig!r}")
+        if not config.rope_ntk_factor >= 1:
+            problems["rope_ntk_factor"] = f"must be at least 1, got {config.rope_ntk_factor!r}"
+        if config.head_dim <= 2:
+            problems["head_dim"] = (f"rope_type 'ntk' raises the base to the power d / (d - 2): needs "
+                                    f"head_dim > 2, got {config.head_dim}")
     attention_width = config.num_attention_heads * config.v_head_dim
     ssm_width = config.mamba_num_heads * config.mamba_head_dim
     if attention_width != ssm_width:

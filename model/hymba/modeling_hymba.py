@@ -1,5 +1,5 @@
-"""Hymba as a transformers model: hybrid-head layers with attention and Mamba-2 SSD heads in
-parallel, meta tokens, cross-layer KV sharing and partial sliding-window attention.
+"""Hymba as a transformers model: hybrid-head layers with attention and SSM heads in parallel,
+meta tokens, cross-layer KV sharing and partial sliding-window attention.
 
 Paper: Dong et al., "Hymba: A Hybrid-head Architecture for Small Language Models"
 (arXiv 2411.13676); release: nvidia/Hymba-1.5B-Base. One layer is
@@ -13,14 +13,29 @@ Paper: Dong et al., "Hymba: A Hybrid-head Architecture for Small Language Models
                     out_proj((a + s) / 2)
 
 b1 and b2 are the learnable per-channel scales of the paper (the weights of the two norms).
+``ssm_type`` picks the SSM heads:
+
+- ``"mamba2"`` (the default; ``HymbaHybridMixer``): Mamba-2 (SSD) heads with grouped B/C and
+  Mamba-2's gated group RMSNorm (``ssm_norm="group"``), so the SSM branch is exactly a Mamba-2
+  mixer up to its out_proj and prunes the same way. Parameters under the factory's names.
+- ``"mamba1"`` (``HymbaMamba1Mixer``): the release's layer, parameter for parameter and under its
+  names, so its checkpoints load key for key:
+
+    HymbaBlock(u): q | k | v | x | z = in_proj(u)
+                   a = Attention(q, k, v)
+                   x = silu(conv1d(x));  Δ, B, C = RMSNorms(x_proj(x));  Δ = softplus(dt_proj(Δ))
+                   y = SelectiveScan(x, Δ, A, B, C) + D x                 A (d_inner, N), per channel
+                   out_proj((pre_avg_layernorm1(a) + pre_avg_layernorm2(y * silu(z))) / 2)
+
 What differs from the release, on purpose:
 
-- The SSM heads are Mamba-2 (SSD) heads with grouped B/C; the release used Mamba-1
-  (per-channel A, x_proj/dt_proj). Their normalisation is Mamba-2's gated group RMSNorm,
-  so the SSM branch is exactly a Mamba-2 mixer up to its out_proj and prunes the same way.
-- Every device has a PyTorch path (chunked SSD for sequences, the recurrence for decoding);
-  the fused ``mamba_ssm`` / ``causal_conv1d`` kernels run only on CUDA when they import.
-- Plain RoPE (the release used NTK scaling to stretch a 2K-trained model to 8K).
+- Every device has a PyTorch path (chunked SSD or a chunked selective scan for sequences, the
+  recurrence for decoding); the fused ``mamba_ssm`` / ``causal_conv1d`` kernels run only on CUDA
+  when they import, and only for Mamba-2 (the release needs them for everything).
+- One sliding-window convention, for prefill and decoding alike: a token sees ``sliding_window``
+  positions, its own included. The release prefills with ``q - k <= W`` (W + 1 positions) and
+  decodes with W; a released config.json is read with ``sliding_window`` W + 1 (its training mask).
+- RoPE is plain unless ``rope_type="ntk"`` (the release's NTK scaling, 2K-trained to 8K).
 
 Meta tokens are prepended to the first forward of a sequence (no cache, or an empty one);
 their K/V and SSM state stay in the cache and their hidden states are dropped before the LM
@@ -150,6 +165,67 @@ def ssd_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Te
 
 
 # --------------------------------------------------------------------------------------
+# Mamba-1 selective scan (ssm_type mamba1): the recurrence one position at a time (the
+# reference) and the same recurrence as chunked parallel prefix scans (the path the model runs)
+# --------------------------------------------------------------------------------------
+
+
+def selective_step(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                   C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of the Mamba-1 recurrence, per channel d: h = exp(Δ A) h + Δ x B, y = h C.
+
+    state (b, d, n); x (b, d); dt = Δ after softplus (b, d); A (d, n); B, C (b, n), shared by
+    every channel. Returns y (b, d) without the D skip, and the new state."""
+    decay = torch.exp(dt[..., None] * A)  # (b, d, n)
+    state = state * decay + (dt * x)[..., None] * B[:, None, :]
+    return torch.einsum("bdn,bn->bd", state, C), state
+
+
+def selective_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                       initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference scan: ``selective_step`` at every position in turn (what mamba_ssm's
+    ``selective_scan_ref`` computes, without D and z).
+
+    x, dt (b, T, d); A (d, n); B, C (b, T, n); initial_state (b, d, n) or None for zeros.
+    Returns y (b, T, d) without the D skip, and the final state (b, d, n)."""
+    batch, length, channels = x.shape
+    state = x.new_zeros(batch, channels, A.shape[-1]) if initial_state is None else initial_state
+    ys = []
+    for t in range(length):
+        y, state = selective_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t])
+        ys.append(y)
+    return torch.stack(ys, dim=1), state
+
+
+def selective_scan_chunked(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                           C: torch.Tensor, chunk_size: int, initial_state: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same recurrence a chunk of positions at a time. Within a chunk, h_t = a_t h_{t-1} + b_t
+    (a_t = exp(Δ_t A), b_t = Δ_t x_t B_t) is an inclusive scan of the affine maps (a_t, b_t), done by
+    doubling: after the step of span s every position holds the composition of the 2s maps ending at
+    it, (a_t a_{t-s}, a_t b_{t-s} + b_t). The chunk's last state enters the next one.
+
+    Decays (<= 1) are only multiplied, never divided, so long spans cannot overflow; memory is
+    (b, chunk, d, n). Same arguments and results as ``selective_scan_ref``, plus ``chunk_size``."""
+    batch, length, channels = x.shape
+    state = x.new_zeros(batch, channels, A.shape[-1]) if initial_state is None else initial_state
+    ys = []
+    for start in range(0, length, chunk_size):
+        span = slice(start, start + chunk_size)
+        a = torch.exp(dt[:, span, :, None] * A)  # (b, l, d, n)
+        h = (dt[:, span] * x[:, span])[..., None] * B[:, span, None, :]  # (b, l, d, n): b_t
+        h = torch.cat([h[:, :1] + a[:, :1] * state[:, None], h[:, 1:]], dim=1)  # the entering state
+        step = 1
+        while step < h.shape[1]:
+            h = torch.cat([h[:, :step], h[:, step:] + a[:, step:] * h[:, :-step]], dim=1)
+            a = torch.cat([a[:, :step], a[:, step:] * a[:, :-step]], dim=1)
+            step *= 2
+        ys.append(torch.einsum("bldn,bln->bld", h, C[:, span]))  # (b, l, d)
+        state = h[:, -1]
+    return torch.cat(ys, dim=1), state
+
+
+# --------------------------------------------------------------------------------------
 # Attention helpers
 # --------------------------------------------------------------------------------------
 
@@ -160,6 +236,17 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple
     inv_freq = 1.0 / theta ** (torch.arange(half, device=positions.device, dtype=torch.float32) / half)
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (L, d/2)
     return angles.cos(), angles.sin()
+
+
+def rope_base(config: HymbaConfig) -> float:
+    """The RoPE base: ``rope_theta``, or with ``rope_type="ntk"`` the release's NTK-aware base
+    theta * (f * max_len / orig_len - (f - 1)) ** (d / (d - 2)) (f = ``rope_ntk_factor``, d = head_dim),
+    which keeps the lowest frequency's wavelength in proportion to the longer context."""
+    if config.rope_type != "ntk":
+        return config.rope_theta
+    factor, d = config.rope_ntk_factor, config.head_dim
+    stretch = factor * config.max_position_embeddings / config.orig_max_position_embeddings - (factor - 1)
+    return config.rope_theta * stretch ** (d / (d - 2))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -214,7 +301,8 @@ class HymbaLayerCache:
     key_positions (S,): the meta tokens first, then text. A window layer keeps the meta tokens
     and the last ``window - 1`` positions (with the next token that makes its window of W); a
     KV consumer keeps none and reads its producer's. conv_state (b, conv_dim, K-1) holds the last
-    pre-activation conv inputs; ssm_state (b, heads, head_dim, N) the SSM state in float32.
+    pre-activation conv inputs (Mamba-1: conv_dim = d_inner, x alone); ssm_state the SSM state in
+    float32, (b, heads, head_dim, N) for Mamba-2 and (b, d_inner, N) for Mamba-1.
     """
 
     is_compileable = False
@@ -336,9 +424,11 @@ class HymbaRMSNormGated(nn.Module):
 class HymbaAttention(nn.Module):
     """The attention heads of a hybrid layer: takes q, k, v from the shared projection (no
     projections of its own), applies RoPE and GQA, and normalises its output (weight = b1).
-    A KV consumer gets its producer's post-RoPE K/V from the forward context and computes none."""
+    A KV consumer gets its producer's post-RoPE K/V from the forward context and computes none.
+    With ``norm=False`` it has no parameters and returns the output unnormalised (the Mamba-1
+    mixer holds b1 as the release names it, ``pre_avg_layernorm1``)."""
 
-    def __init__(self, config: HymbaConfig, layer_idx: int):
+    def __init__(self, config: HymbaConfig, layer_idx: int, norm: bool = True):
         super().__init__()
         self.layer_idx = layer_idx
         self.kv_producer = config.kv_producer(layer_idx)
@@ -346,7 +436,8 @@ class HymbaAttention(nn.Module):
         self.window = config.layer_window(layer_idx)
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim, self.v_head_dim = config.head_dim, config.v_head_dim
-        self.norm = HymbaRMSNorm(config.num_attention_heads * config.v_head_dim, config.rms_norm_eps)
+        width = config.num_attention_heads * config.v_head_dim
+        self.norm = HymbaRMSNorm(width, config.rms_norm_eps) if norm else None
 
     def forward(self, q, k, v, context: ForwardContext, layer_cache: HymbaLayerCache | None) -> torch.Tensor:
         # q (b, L, heads*head_dim); k (b, L, kv_heads*head_dim), v (b, L, kv_heads*v_head_dim), empty on consumers
@@ -371,7 +462,8 @@ class HymbaAttention(nn.Module):
         mask = context.mask(key_positions, self.window, repeats=groups)  # (groups*L, S)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, kv_heads, groups*L, v_head_dim)
         out = out.view(batch, self.num_heads, length, self.v_head_dim).transpose(1, 2)  # (b, L, heads, v_head_dim)
-        return self.norm(out.reshape(batch, length, self.num_heads * self.v_head_dim))
+        out = out.reshape(batch, length, self.num_heads * self.v_head_dim)
+        return out if self.norm is None else self.norm(out)
 
 
 class HymbaSSM(nn.Module):
@@ -379,7 +471,8 @@ class HymbaSSM(nn.Module):
     (the layer's shared in_proj and out_proj play those roles).
 
     Tensors as in Mamba-2: conv1d over x | B | C (depthwise, causal, then SiLU); dt_bias,
-    A_log, D per head; norm = gated group RMSNorm (weight = b2). Head h owns channels
+    A_log, D per head; norm = gated group RMSNorm (weight = b2), over the groups or, with
+    ``ssm_norm="full"``, over the whole width as the release does. Head h owns channels
     [h*P, (h+1)*P) and reads B, C of group h // (heads / n_groups).
     """
 
@@ -397,7 +490,8 @@ class HymbaSSM(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
         self.A_log = nn.Parameter(torch.zeros(self.num_heads))
         self.D = nn.Parameter(torch.ones(self.num_heads))
-        self.norm = HymbaRMSNormGated(self.d_inner, self.d_inner // self.n_groups, config.rms_norm_eps)
+        norm_width = self.d_inner if config.ssm_norm == "full" else self.d_inner // self.n_groups
+        self.norm = HymbaRMSNormGated(self.d_inner, norm_width, config.rms_norm_eps)
 
     def forward(self, z, xBC, dt, layer_cache: HymbaLayerCache | None) -> torch.Tensor:
         # z (b, L, d_inner), xBC (b, L, conv_dim), dt (b, L, heads) -> (b, L, d_inner)
@@ -531,6 +625,103 @@ class HymbaHybridMixer(nn.Module):
         return self.out_proj((attention_out + ssm_out) / 2)
 
 
+class HymbaMamba1Mixer(nn.Module):
+    """The hybrid-head mixer of ``ssm_type="mamba1"``: the release's ``HymbaBlock``, parameter for
+    parameter, under its names (the state-dict keys ``model.layers.i.mamba.*``).
+
+    in_proj output rows, in order: q | k | v | x | z
+      q  heads * head_dim      k  kv_heads * head_dim      v  kv_heads * v_head_dim      x, z  d_inner
+    A KV consumer's in_proj has no k and v rows.
+
+    The SSM is Mamba-1 over the d_inner channels: conv1d (depthwise, causal, SiLU) on x; x_proj
+    gives Δ (rank R), B and C (N each, shared by every channel), each through its RMSNorm
+    (dt_layernorm, B_layernorm, C_layernorm); dt_proj lifts Δ to d_inner (its bias is Δ's bias,
+    added in float32 before the softplus); A_log (d_inner, N) and D (d_inner) per channel. x_proj,
+    dt_proj, A_log and D are one-element lists, as in the release (one SSM per layer: x_proj.0.weight).
+    The attention output is normalised by pre_avg_layernorm1 (b1), the gated SSM output y * silu(z)
+    by pre_avg_layernorm2 (b2), both over the full d_inner width.
+    """
+
+    def __init__(self, config: HymbaConfig, layer_idx: int):
+        super().__init__()
+        self.attention = HymbaAttention(config, layer_idx, norm=False)
+        self.d_inner = config.mamba_num_heads * config.mamba_head_dim
+        self.state_size, self.time_step_rank = config.ssm_state_size, config.time_step_rank
+        self.conv_kernel, self.chunk_size = config.conv_kernel, config.chunk_size
+        self.time_step_limit = tuple(config.time_step_limit)
+        owns_kv = self.attention.owns_kv
+        self.split_sizes = [
+            config.num_attention_heads * config.head_dim,
+            config.num_key_value_heads * config.head_dim if owns_kv else 0,
+            config.num_key_value_heads * config.v_head_dim if owns_kv else 0,
+            self.d_inner,
+            self.d_inner,
+        ]
+        self.pre_avg_layernorm1 = HymbaRMSNorm(self.d_inner, config.rms_norm_eps)
+        self.pre_avg_layernorm2 = HymbaRMSNormGated(self.d_inner, self.d_inner, config.rms_norm_eps)
+        self.in_proj = nn.Linear(config.hidden_size, sum(self.split_sizes), bias=False)
+        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=False)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, config.conv_kernel, groups=self.d_inner,
+                                bias=config.use_conv_bias)
+        x_proj_rows = self.time_step_rank + 2 * self.state_size  # Δ | B | C
+        self.x_proj = nn.ModuleList([nn.Linear(self.d_inner, x_proj_rows, bias=False)])
+        self.dt_proj = nn.ModuleList([nn.Linear(self.time_step_rank, self.d_inner, bias=True)])
+        self.A_log = nn.ParameterList([nn.Parameter(torch.zeros(self.d_inner, self.state_size))])
+        self.D = nn.ParameterList([nn.Parameter(torch.ones(self.d_inner))])
+        if config.ssm_inner_norms:
+            self.dt_layernorm = HymbaRMSNorm(self.time_step_rank, config.rms_norm_eps)
+            self.B_layernorm = HymbaRMSNorm(self.state_size, config.rms_norm_eps)
+            self.C_layernorm = HymbaRMSNorm(self.state_size, config.rms_norm_eps)
+        else:
+            self.dt_layernorm = self.B_layernorm = self.C_layernorm = None
+
+    def forward(self, hidden_states, context: ForwardContext, layer_cache: HymbaLayerCache | None) -> torch.Tensor:
+        q, k, v, x, z = self.in_proj(hidden_states).split(self.split_sizes, dim=-1)  # (b, L, .)
+        attention_out = self.attention(q, k, v, context, layer_cache)  # (b, L, d_inner)
+        ssm_out = self.ssm_branch(x, layer_cache)  # (b, L, d_inner), ungated
+        mixed = (self.pre_avg_layernorm1(attention_out) + self.pre_avg_layernorm2(ssm_out, gate=z)) / 2
+        return self.out_proj(mixed)
+
+    def ssm_branch(self, x: torch.Tensor, layer_cache: HymbaLayerCache | None) -> torch.Tensor:
+        """x (b, L, d_inner), before the conv -> y = SelectiveScan(x, Δ, A, B, C) + D x (b, L, d_inner),
+        ungated; continues from, and updates, ``layer_cache``'s conv and SSM states."""
+        batch, length, _ = x.shape
+        # Causal depthwise conv over [previous K-1 inputs | this forward's inputs]; zeros at the start.
+        if layer_cache is not None and layer_cache.conv_state is not None:
+            past = layer_cache.conv_state
+        else:
+            past = x.new_zeros(batch, self.d_inner, self.conv_kernel - 1)
+        conv_in = torch.cat([past, x.transpose(1, 2)], dim=-1)  # (b, d_inner, K-1+L)
+        x = F.conv1d(conv_in, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)  # (b, d_inner, L)
+        x = F.silu(x).transpose(1, 2)  # (b, L, d_inner)
+
+        dt, B, C = self.x_proj[0](x).split([self.time_step_rank, self.state_size, self.state_size], dim=-1)
+        if self.dt_layernorm is not None:
+            dt, B, C = self.dt_layernorm(dt), self.B_layernorm(B), self.C_layernorm(C)  # (b, L, R|N|N)
+        dt = F.linear(dt, self.dt_proj[0].weight)  # (b, L, d_inner); the bias joins in float32 below
+
+        # The scan runs in float32 whatever the autocast, as the release's kernels do.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x32, B, C = x.float(), B.float(), C.float()
+            dt = F.softplus(dt.float() + self.dt_proj[0].bias.float())  # (b, L, d_inner)
+            dt = dt.clamp(*self.time_step_limit)
+            A = -torch.exp(self.A_log[0].float())  # (d_inner, N)
+            state = layer_cache.ssm_state if layer_cache is not None else None
+            if layer_cache is not None and length == 1:  # decoding: one step of the recurrence
+                if state is None:
+                    state = x32.new_zeros(batch, self.d_inner, self.state_size)
+                y, state = selective_step(state, x32[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
+                y = y[:, None]  # (b, 1, d_inner)
+            else:
+                y, state = selective_scan_chunked(x32, dt, A, B, C, self.chunk_size, initial_state=state)
+            y = y + x32 * self.D[0].float()  # (b, L, d_inner)
+
+        if layer_cache is not None:
+            layer_cache.conv_state = conv_in[..., conv_in.shape[-1] - (self.conv_kernel - 1):].contiguous()
+            layer_cache.ssm_state = state
+        return y.to(x.dtype)
+
+
 class HymbaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -542,6 +733,18 @@ class HymbaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class HymbaReleasedFFN(nn.Module):
+    """The release's FFN slot: a mixture-of-experts block with a single expert (num_experts 1: no
+    router, the expert always runs), so its SwiGLU weights are ``moe.experts.0.*``."""
+
+    def __init__(self, config: HymbaConfig):
+        super().__init__()
+        self.experts = nn.ModuleList([HymbaMLP(config)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.experts[0](x)
 
 
 class HymbaDecoderLayer(nn.Module):
@@ -559,6 +762,24 @@ class HymbaDecoderLayer(nn.Module):
         return hidden_states + self.mlp(self.pre_mlp_layernorm(hidden_states))
 
 
+class HymbaMamba1DecoderLayer(nn.Module):
+    """The layer of ``ssm_type="mamba1"``, under the release's names: x = x + mamba(input_layernorm(x)),
+    then x = x + moe(pre_moe_layernorm(x))."""
+
+    def __init__(self, config: HymbaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = HymbaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mamba = HymbaMamba1Mixer(config, layer_idx)
+        self.pre_moe_layernorm = HymbaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.moe = HymbaReleasedFFN(config)
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states, context: ForwardContext, cache: HymbaCache | None) -> torch.Tensor:
+        layer_cache = cache.layers[self.layer_idx] if cache is not None else None
+        hidden_states = hidden_states + self.mamba(self.input_layernorm(hidden_states), context, layer_cache)
+        return hidden_states + self.moe(self.pre_moe_layernorm(hidden_states))
+
+
 # --------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------
@@ -569,8 +790,15 @@ class HymbaPreTrainedModel(PreTrainedModel):
     config_class = HymbaConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
-    _no_split_modules = ["HymbaDecoderLayer"]
+    _no_split_modules = ["HymbaDecoderLayer", "HymbaMamba1DecoderLayer"]
     _is_stateful = True  # the SSM state cannot be rolled back: no assisted decoding
+
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # transformers skips a custom-code module whose own parameters are all loaded, which is every
+        # module with no parameters of its own (the Mamba-1 mixer keeps A_log, D, x_proj and dt_proj
+        # in one-element lists, as the release does). _init_weights writes only through
+        # transformers.initialization, which leaves loaded tensors alone, so it may always run.
+        super()._initialize_weights(module, is_custom_code=False)
 
     def _init_weights(self, module):
         super()._init_weights(module)  # Linear / Conv1d ~ N(0, initializer_range), norms = 1
@@ -582,8 +810,19 @@ class HymbaPreTrainedModel(PreTrainedModel):
             dt = torch.exp(torch.rand(module.num_heads) * (math.log(config.time_step_max) - math.log(config.time_step_min))
                            + math.log(config.time_step_min)).clamp(min=config.time_step_floor)
             init.copy_(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        elif isinstance(module, HymbaModel) and module.meta_tokens is not None:
-            init.normal_(module.meta_tokens, mean=0.0, std=config.initializer_range)
+        elif isinstance(module, HymbaMamba1Mixer):
+            # Mamba-1's init: A = -(1..N) in every channel, D = 1, dt_proj ~ U(±R^-1/2), Δ's bias the
+            # inverse softplus of a log-uniform Δ in [time_step_min, time_step_max].
+            A = torch.arange(1, module.state_size + 1, dtype=torch.float32).expand(module.d_inner, -1)
+            init.copy_(module.A_log[0], torch.log(A))
+            init.ones_(module.D[0])
+            bound = module.time_step_rank ** -0.5
+            init.uniform_(module.dt_proj[0].weight, -bound, bound)
+            low, high = math.log(config.time_step_min), math.log(config.time_step_max)
+            dt = torch.exp(torch.rand(module.d_inner) * (high - low) + low).clamp(min=config.time_step_floor)
+            init.copy_(module.dt_proj[0].bias, dt + torch.log(-torch.expm1(-dt)))
+        elif isinstance(module, HymbaModel) and module.meta_token_embeddings is not None:
+            init.normal_(module.meta_token_embeddings, mean=0.0, std=config.initializer_range)
 
 
 class HymbaModel(HymbaPreTrainedModel):
@@ -592,13 +831,30 @@ class HymbaModel(HymbaPreTrainedModel):
         problems = config_problems(config)
         if problems:
             raise ValueError("cannot build Hymba: " + "; ".join(f"{k}: {v}" for k, v in problems.items()))
+        # ssm_type mamba1 names these two as the release does (like the rest of its layout), so a
+        # released checkpoint loads key for key; the factory's own names otherwise.
+        released = config.ssm_type == "mamba1"
+        self.meta_tokens_name = "memory_tokens" if released else "meta_tokens"
+        self.final_norm_name = "final_layernorm" if released else "norm"
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         # (num_meta_tokens, hidden): learned, prepended once per sequence
-        self.meta_tokens = nn.Parameter(torch.zeros(config.num_meta_tokens, config.hidden_size)) \
+        meta_tokens = nn.Parameter(torch.zeros(config.num_meta_tokens, config.hidden_size)) \
             if config.num_meta_tokens else None
-        self.layers = nn.ModuleList(HymbaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = HymbaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        setattr(self, self.meta_tokens_name, meta_tokens)
+        layer_class = HymbaMamba1DecoderLayer if released else HymbaDecoderLayer
+        self.layers = nn.ModuleList(layer_class(config, i) for i in range(config.num_hidden_layers))
+        setattr(self, self.final_norm_name, HymbaRMSNorm(config.hidden_size, config.rms_norm_eps))
         self.post_init()
+
+    @property
+    def meta_token_embeddings(self) -> nn.Parameter | None:
+        """The meta tokens (num_meta_tokens, hidden): ``meta_tokens``, or the release's ``memory_tokens``."""
+        return getattr(self, self.meta_tokens_name)
+
+    @property
+    def final_norm(self) -> HymbaRMSNorm:
+        """The norm before the LM head: ``norm``, or the release's ``final_layernorm``."""
+        return getattr(self, self.final_norm_name)
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -621,16 +877,16 @@ class HymbaModel(HymbaPreTrainedModel):
         first_forward = cache is None or cache.seen_tokens == 0
         num_meta = self.config.num_meta_tokens if first_forward else 0
         if num_meta:
-            meta = self.meta_tokens.to(hidden_states.dtype).expand(batch, -1, -1)  # (b, M, D)
+            meta = self.meta_token_embeddings.to(hidden_states.dtype).expand(batch, -1, -1)  # (b, M, D)
             hidden_states = torch.cat([meta, hidden_states], dim=1)  # (b, M+L, D)
         start = 0 if first_forward else self.config.num_meta_tokens + cache.seen_tokens
         positions = torch.arange(start, start + hidden_states.shape[1], device=hidden_states.device)
-        cos, sin = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rotary_tables(positions, self.config.head_dim, rope_base(self.config))
         context = ForwardContext(positions, cos, sin, num_meta=self.config.num_meta_tokens)
 
         for layer in self.layers:
             hidden_states = layer(hidden_states, context, cache)
-        hidden_states = self.norm(hidden_states)[:, num_meta:]  # drop the meta tokens: (b, L, D)
+        hidden_states = self.final_norm(hidden_states)[:, num_meta:]  # drop the meta tokens: (b, L, D)
         if cache is not None:
             cache.seen_tokens += length
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
@@ -695,4 +951,5 @@ class HymbaForCausalLM(HymbaPreTrainedModel, GenerationMixin):
         return output if return_dict is not False else output.to_tuple()
 
 
-__all__ = ["HymbaCache", "HymbaForCausalLM", "HymbaModel", "HymbaPreTrainedModel", "ssd_chunked", "ssd_step"]
+__all__ = ["HymbaCache", "HymbaForCausalLM", "HymbaModel", "HymbaPreTrainedModel", "rope_base",
+           "selective_scan_chunked", "selective_scan_ref", "selective_step", "ssd_chunked", "ssd_step"]
