@@ -87,9 +87,10 @@ def make_kd_loss(teacher: torch.nn.Module, spec: DistillSpec, alignment: BlockAl
         finally:
             for handle in t_handles + s_handles:
                 handle.remove()
+        length = input_ids.shape[1]  # block outputs of a Hymba lead with its meta tokens: read the last L
         for j, i in cosine_layers.items():
-            teacher_block = t_out[i][:, :-1] if channels is None else t_out[i][:, :-1, channels]
-            cos = F.cosine_similarity(s_out[j][:, :-1].float(), teacher_block.float(), dim=-1)  # (B, L-1)
+            teacher_block = t_out[i][:, -length:-1] if channels is None else t_out[i][:, -length:-1, channels]
+            cos = F.cosine_similarity(s_out[j][:, -length:-1].float(), teacher_block.float(), dim=-1)  # (B, L-1)
             total = total + spec.cosine_weight / len(cosine_layers) * ((1 - cos) * target_mask).sum()
         return total
 

@@ -1,4 +1,4 @@
-"""Activation importance of a Nemotron-H model (Minitron / Minitron-SSM).
+"""Activation importance of a Nemotron-H or Hymba model (Minitron / Minitron-SSM).
 
 One calibration pass with forward hooks scores every width axis; depth is scored by the
 KL divergence of the logits with one layer removed (a pass per layer) and by the cheap
@@ -15,6 +15,11 @@ cosine block importance taken in the same calibration pass.
 Mamba scores keep the full (heads, head_dim) matrix: channels are ranked by the L2 over
 heads, and heads on the channels a target keeps, so one set of scores serves every target.
 Scores are plain tensors in a dict, saved as safetensors and reused.
+
+Hymba's hooks and score keys (both RMSNorms of a layer for hidden, SwiGLU's gate_proj, the x
+slice and out_proj's input per layer) are in compression/hymba.py; the pass, the aggregation and
+the depth scores here are shared. The layer-KL hook replaces a layer's output with its input, so
+a Hymba KV producer still hands its K/V to its consumers: exactly what pruning that layer keeps.
 """
 
 from __future__ import annotations
@@ -85,6 +90,31 @@ def calibration_rows(data: PackedTokens, samples: int, seed: int) -> list[int]:
     return order[: min(samples, usable)].tolist()
 
 
+def _nemotron_h_hooks(i: int, block, config, spec: ImportanceSpec, record, record_input) -> list:
+    """Forward hooks on block ``i`` of a NemotronHForCausalLM (``record`` / ``record_input`` make a
+    hook that adds an output / input to the stats of a key)."""
+    handles = [block.norm.register_forward_hook(record(f"norm.{i}"))]
+    mixer = block.mixer
+    if block.block_type == "mlp":
+        if spec.ffn_activation == "pre":
+            handles.append(mixer.up_proj.register_forward_hook(record(f"ffn.{i}")))
+        else:
+            handles.append(mixer.down_proj.register_forward_pre_hook(record_input(f"ffn.{i}")))
+    elif block.block_type == "full_attention":
+        heads, head_dim = config.num_attention_heads, mixer.head_dim
+
+        def per_head_norm(x, heads=heads, head_dim=head_dim):  # (B, L, H*D) -> (B, L, H)
+            return x.unflatten(-1, (heads, head_dim)).norm(dim=-1)
+
+        handles.append(mixer.o_proj.register_forward_pre_hook(record_input(f"attention.{i}", per_head_norm)))
+    elif block.block_type == "linear_attention":
+        # in_proj rows are z | x | B | C | dt; the paper scores the x slice (before conv1d).
+        d_inner = config.mamba_num_heads * config.mamba_head_dim
+        handles.append(mixer.in_proj.register_forward_hook(
+            record(f"mamba.{i}", lambda out: out[..., d_inner : 2 * d_inner])))
+    return handles
+
+
 @torch.no_grad()
 def activation_scores(net, data: PackedTokens, spec: ImportanceSpec, device: torch.device | None = None) -> Scores:
     """Width scores and cosine block importance from one calibration pass."""
@@ -103,26 +133,12 @@ def activation_scores(net, data: PackedTokens, spec: ImportanceSpec, device: tor
         stats[key] = _ChannelStats(spec.aggregation)
         return lambda module, args: stats[key].add(transform(args[0]))
 
-    d_inner = config.mamba_num_heads * config.mamba_head_dim
+    if config.model_type == "hymba":
+        from compression.hymba import importance_hooks as block_hooks
+    else:
+        block_hooks = _nemotron_h_hooks
     for i, block in enumerate(_layers(net)):
-        handles.append(block.norm.register_forward_hook(record(f"norm.{i}")))
-        mixer = block.mixer
-        if block.block_type == "mlp":
-            if spec.ffn_activation == "pre":
-                handles.append(mixer.up_proj.register_forward_hook(record(f"ffn.{i}")))
-            else:
-                handles.append(mixer.down_proj.register_forward_pre_hook(record_input(f"ffn.{i}")))
-        elif block.block_type == "full_attention":
-            heads, head_dim = config.num_attention_heads, mixer.head_dim
-
-            def per_head_norm(x, heads=heads, head_dim=head_dim):  # (B, L, H*D) -> (B, L, H)
-                return x.unflatten(-1, (heads, head_dim)).norm(dim=-1)
-
-            handles.append(mixer.o_proj.register_forward_pre_hook(record_input(f"attention.{i}", per_head_norm)))
-        elif block.block_type == "linear_attention":
-            # in_proj rows are z | x | B | C | dt; the paper scores the x slice (before conv1d).
-            handles.append(mixer.in_proj.register_forward_hook(
-                record(f"mamba.{i}", lambda out: out[..., d_inner : 2 * d_inner])))
+        handles += block_hooks(i, block, config, spec, record, record_input)
 
         def cosine(module, args, output, i=i):
             cos = F.cosine_similarity(args[0].float(), output.float(), dim=-1)  # (B, L)
@@ -199,6 +215,12 @@ def random_scores(config, seed: int) -> Scores:
 
     def noise(*shape):
         return torch.rand(*shape, generator=generator)
+
+    if config.model_type == "hymba":
+        from compression.hymba import score_shapes
+
+        scores = {key: noise(*shape) for key, shape in score_shapes(config).items() if key != "layer_cosine"}
+        return scores | {"layer_cosine": scores["layer_kl"].clone()}
 
     scores: Scores = {"hidden": noise(config.hidden_size)}
     for i, kind in enumerate(config.layers_block_type):

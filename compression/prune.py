@@ -18,6 +18,10 @@ keeps rows/channels ``h * P + c`` of z, x, the conv, the norm and out_proj's col
 ``dt[S]`` and the per-head scalars. B, C, the state size, the group count and the conv kernel
 are never pruned: head h reads B/C of group h // (H / G), so a head may only move within its
 group; keeping the same number per group keeps every head's group (and its gated-norm group).
+
+Hymba (``model_type`` "hymba") has its own axes and slicing in compression/hymba.py; the entry
+points here (``check_compressible``, ``target_problems``, ``score_problems``, ``make_plan``,
+``pruned_config``, ``prune_state_dict``, ``prune``) dispatch to it by ``config.model_type``.
 """
 
 from __future__ import annotations
@@ -33,9 +37,17 @@ from compression.importance import Scores
 from compression.spec import PruneTarget
 
 PRUNABLE_LAYER_TYPES = {"linear_attention", "full_attention", "mlp"}
-# Hymba would need its own slicing (one in_proj feeding attention and SSM heads, a shared
-# out_proj, KV-sharing producers): not implemented, and refused with this list.
-COMPRESSIBLE_FAMILIES = {"nemotron_h"}
+# Families importance and pruning cover (flows/recipe.py refuses a compress section for others).
+COMPRESSIBLE_FAMILIES = {"nemotron_h", "hymba"}
+
+
+def _hymba(config):
+    """compression/hymba.py for a Hymba config, else None (Nemotron-H is this module)."""
+    if getattr(config, "model_type", None) != "hymba":
+        return None
+    from compression import hymba
+
+    return hymba
 
 
 def check_compressible(config) -> None:
@@ -43,12 +55,29 @@ def check_compressible(config) -> None:
     if getattr(config, "model_type", None) not in COMPRESSIBLE_FAMILIES:
         raise ValueError(f"compression supports {sorted(COMPRESSIBLE_FAMILIES)} models; this one is "
                          f"{getattr(config, 'model_type', type(config).__name__)!r}")
+    if (hymba := _hymba(config)) is not None and (problem := hymba.layout_problem(config)):
+        raise ValueError(problem)
+
+
+def layer_count(config) -> int:
+    return config.num_hidden_layers if _hymba(config) else len(config.layers_block_type)
+
+
+def droppable_layers(config, keep_attention: bool) -> list[int]:
+    """Layers depth pruning may drop: Hymba's window layers (its global layers always stay);
+    Nemotron-H's every layer, or every non-attention layer with ``keep_attention``."""
+    if (hymba := _hymba(config)) is not None:
+        return hymba.droppable_layers(config)
+    return [i for i, kind in enumerate(config.layers_block_type) if not (keep_attention and kind == "full_attention")]
 
 
 def target_problems(config, target: PruneTarget) -> dict[str, str]:
     """Field -> why ``target`` cannot be cut from a model with ``config``; empty when it can."""
+    if (hymba := _hymba(config)) is not None:
+        return hymba.target_problems(config, target)
     if getattr(config, "model_type", None) != "nemotron_h":
-        return {"model": f"not a Nemotron-H model (model_type {getattr(config, 'model_type', None)!r})"}
+        return {"model": f"not a Nemotron-H model (model_type {getattr(config, 'model_type', None)!r}); "
+                         f"compression supports {sorted(COMPRESSIBLE_FAMILIES)}"}
     unsupported = set(config.layers_block_type) - PRUNABLE_LAYER_TYPES
     if unsupported:
         return {"model": f"pruning layers of type {sorted(unsupported)} is not supported"}
@@ -81,6 +110,8 @@ def target_problems(config, target: PruneTarget) -> dict[str, str]:
 
 def score_problems(config, scores: Scores) -> list[str]:
     """Scores that do not fit this model (saved for another model, or incomplete)."""
+    if (hymba := _hymba(config)) is not None:
+        return _shape_problems(hymba.score_shapes(config), scores)
     expected = {"hidden": (config.hidden_size,), "layer_kl": (len(config.layers_block_type),),
                 "layer_cosine": (len(config.layers_block_type),)}
     for i, kind in enumerate(config.layers_block_type):
@@ -90,6 +121,10 @@ def score_problems(config, scores: Scores) -> list[str]:
             expected[f"attention.{i}"] = (config.num_attention_heads,)
         elif kind == "linear_attention":
             expected[f"mamba.{i}"] = (config.mamba_num_heads, config.mamba_head_dim)
+    return _shape_problems(expected, scores)
+
+
+def _shape_problems(expected: dict[str, tuple[int, ...]], scores: Scores) -> list[str]:
     problems = []
     for key, shape in expected.items():
         if key not in scores:
@@ -133,6 +168,8 @@ def kept_layers(config, scores: Scores, target: PruneTarget) -> list[int]:
 
 
 def make_plan(config, scores: Scores, target: PruneTarget) -> PrunePlan:
+    if (hymba := _hymba(config)) is not None:
+        return hymba.make_plan(config, scores, target)
     hidden = target.hidden_size or config.hidden_size
     ffn = target.intermediate_size or config.intermediate_size
     heads = target.num_attention_heads or config.num_attention_heads
@@ -160,6 +197,8 @@ def make_plan(config, scores: Scores, target: PruneTarget) -> PrunePlan:
 
 
 def pruned_config(config, plan: PrunePlan):
+    if (hymba := _hymba(config)) is not None:
+        return hymba.pruned_config(config, plan)
     new = copy.deepcopy(config)
     new.hidden_size = len(plan.hidden)
     new.layers_block_type = [config.layers_block_type[i] for i in plan.layers]
@@ -182,7 +221,10 @@ def _cols(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def prune_state_dict(state: dict[str, torch.Tensor], config, plan: PrunePlan) -> dict[str, torch.Tensor]:
-    """Slice every tensor of a NemotronHForCausalLM state dict by ``plan``; layers are renumbered."""
+    """Slice every tensor of a NemotronHForCausalLM (or HymbaForCausalLM) state dict by ``plan``;
+    layers are renumbered."""
+    if (hymba := _hymba(config)) is not None:
+        return hymba.prune_state_dict(state, config, plan)
     h = plan.hidden
     out = {
         "model.embeddings.weight": _cols(state["model.embeddings.weight"], h),
@@ -242,8 +284,9 @@ def _prune_mamba(state, m: str, config, plan: PrunePlan, i: int) -> dict[str, to
 
 
 def prune(net, scores: Scores, target: PruneTarget):
-    """A new, smaller NemotronHForCausalLM with sliced copies of ``net``'s weights, and its plan."""
-    from transformers import NemotronHForCausalLM
+    """A new, smaller model of ``net``'s class (NemotronHForCausalLM, HymbaForCausalLM) with sliced
+    copies of ``net``'s weights, and its plan."""
+    from model.architectures import get_family
 
     config = net.config
     problems = target_problems(config, target)
@@ -252,14 +295,16 @@ def prune(net, scores: Scores, target: PruneTarget):
     if problems:
         raise ValueError("; ".join(f"{k}: {v}" for k, v in problems.items()))
     plan = make_plan(config, scores, target)
-    if "full_attention" in config.layers_block_type and not plan.attention_heads:
+    if not _hymba(config) and "full_attention" in config.layers_block_type and not plan.attention_heads:
         raise ValueError(f"layers: keeping {plan.layers} drops every attention layer; transformers' NemotronH "
                          "needs at least one to run with a cache (keep one with drop_layers or a larger num_layers)")
     new_config = pruned_config(config, plan)
     state = prune_state_dict(net.state_dict(), config, plan)
     with torch.device("meta"):
-        student = NemotronHForCausalLM(new_config)
+        student = get_family(config.model_type).model_class(new_config)
     student.load_state_dict(state, strict=True, assign=True)
+    if getattr(new_config, "tie_word_embeddings", False):
+        student.tie_weights()  # assign=True loaded the embedding and the LM head as two tensors
     return student.to(next(net.parameters()).dtype), plan
 
 
@@ -284,6 +329,8 @@ def prune_checkpoint(teacher_dir: Path, out_dir: Path, scores: Scores, target: P
     summary = get_family(student.config.model_type).summarize(student.config)
     record = provenance | {"target": target.model_dump(mode="json", exclude_none=True),
                            "kept_layers": plan.layers,
+                           **({"promoted_kv_producers": {str(k): v for k, v in plan.promoted.items()}}
+                              if getattr(plan, "promoted", None) else {}),
                            "kept_hidden_channels": plan.hidden.tolist(),
                            "teacher_parameters": sum(p.numel() for p in net.parameters()),
                            "student_parameters": summary["parameters"]}

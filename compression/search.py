@@ -29,10 +29,10 @@ from pathlib import Path
 
 from compression.distill import distill
 from compression.importance import Scores
-from compression.prune import make_plan, prune, pruned_config, target_problems
+from compression.prune import droppable_layers, layer_count, make_plan, prune, pruned_config, target_problems
 from compression.spec import PruneTarget, SearchSpec
 from model.architectures import get_family
-from model.cost import inference_memory
+from model.cost import dtype_bytes, inference_memory
 from model.data import PackedTokens
 from model.digests import MEASUREMENTS_DIR
 from model.train import evaluate_loss
@@ -85,7 +85,7 @@ def enumerate_candidates(config, scores: Scores, spec: SearchSpec) -> tuple[list
         if budget.parameters is not None and abs(parameters - budget.parameters) > budget.parameter_tolerance * budget.parameters:
             rejected["parameters"] += 1
             continue
-        memory = inference_memory(new_config, parameters, budget.context, budget.batch, budget.dtype).total
+        memory = _memory_bytes(new_config, parameters, budget)
         if budget.memory_gib is not None and memory > budget.memory_gib * 2**30:
             rejected["memory"] += 1
             continue
@@ -95,17 +95,30 @@ def enumerate_candidates(config, scores: Scores, spec: SearchSpec) -> tuple[list
     return kept, rejected
 
 
+def _memory_bytes(config, parameters: int, budget) -> float:
+    """Inference memory of a candidate: model/cost.py, or for Hymba (windows, shared K/V, meta
+    tokens: not modelled there) the weights plus its own cache formula, SSM state in float32."""
+    if config.model_type == "hymba":
+        from model.hymba import cache_bytes
+
+        return (parameters * dtype_bytes(budget.dtype)
+                + budget.batch * cache_bytes(config, budget.context, kv_bytes=dtype_bytes(budget.dtype), state_bytes=4))
+    return inference_memory(config, parameters, budget.context, budget.batch, budget.dtype).total
+
+
 def _layers_to_drop(config, scores: Scores, num_layers: int | None, metric: str, keep_attention: bool) -> list[int] | None:
-    if num_layers is None or num_layers >= len(config.layers_block_type):
+    total = layer_count(config)
+    if num_layers is None or num_layers >= total:
         return None
-    ranked = scores[f"layer_{metric}"].argsort().tolist()  # least important first
-    if keep_attention:
-        ranked = [i for i in ranked if config.layers_block_type[i] != "full_attention"]
-    drop = len(config.layers_block_type) - num_layers
-    return sorted(ranked[:drop]) if len(ranked) >= drop else list(range(len(config.layers_block_type)))
+    droppable = set(droppable_layers(config, keep_attention))
+    ranked = [i for i in scores[f"layer_{metric}"].argsort().tolist() if i in droppable]  # least important first
+    drop = total - num_layers
+    return sorted(ranked[:drop]) if len(ranked) >= drop else list(range(total))
 
 
 def _keeps_attention(config, drop_layers: list[int]) -> bool:
+    if config.model_type == "hymba":  # every Hymba layer has attention heads
+        return True
     return any(t == "full_attention" for i, t in enumerate(config.layers_block_type) if i not in set(drop_layers))
 
 

@@ -41,8 +41,9 @@ class ImportanceSpec(Section):
     )
     ffn_activation: Literal["pre", "post"] = Field(
         "pre",
-        description="Where FFN neurons are scored: `pre` the output of up_proj, before the activation (the paper); "
-                    "`post` the input of down_proj, after it (NVIDIA's Model Optimizer).",
+        description="Where FFN neurons are scored: `pre` the output of up_proj, before the activation (the paper; "
+                    "Hymba's SwiGLU: gate_proj, the activation's input); `post` the input of down_proj, after it "
+                    "(NVIDIA's Model Optimizer).",
     )
     layer_samples: PositiveInt = Field(
         16,
@@ -67,6 +68,10 @@ class PruneTarget(Section):
     in equal numbers per group, each in its own group (``mamba_head_selection:
     group_aware``); ``global`` ranks heads across groups and packs the winners by
     position, the naive method the Minitron-SSM paper argues against (ablation only).
+
+    Hymba (docs/compression.md 7): a query head and the SSM heads under its out_proj columns are
+    pruned together, so the two head counts go together (an omitted one follows the other);
+    depth pruning keeps every global-attention layer.
     """
 
     hidden_size: PositiveInt | None = Field(
@@ -79,27 +84,30 @@ class PruneTarget(Section):
     num_attention_heads: PositiveInt | None = Field(
         None,
         description="Query heads to keep in every attention layer, chosen within each KV group, so a multiple of "
-                    "the teacher's num_key_value_heads; null keeps the teacher's.",
+                    "the teacher's num_key_value_heads; null keeps the teacher's. Hymba: each goes with the SSM heads "
+                    "under its out_proj columns (null follows mamba_num_heads).",
     )
     mamba_num_heads: PositiveInt | None = Field(
         None,
         description="Heads to keep in every Mamba layer, a multiple of the teacher's n_groups; null keeps the "
-                    "teacher's.",
+                    "teacher's. Hymba: num_attention_heads times 1 to r (r = v_head_dim / mamba_head_dim); null "
+                    "follows num_attention_heads.",
     )
     mamba_head_dim: PositiveInt | None = Field(
         None,
         description="Channels to keep in every Mamba head (the same channel indices in every head); null keeps the "
-                    "teacher's.",
+                    "teacher's. Hymba: the value channels over the same out_proj columns go with them.",
     )
     num_layers: PositiveInt | None = Field(
         None,
         description="Keep this many layers, dropping the lowest-scoring by `layer_metric` (at least one attention "
-                    "layer must remain); null keeps every layer. Not with `drop_layers`.",
+                    "layer must remain; Hymba keeps every global-attention layer); null keeps every layer. Not with "
+                    "`drop_layers`.",
     )
     drop_layers: list[int] | None = Field(
         None,
         description="0-based indices of the teacher's layers to drop, each at most once (at least one attention "
-                    "layer must remain); null drops none. Not with `num_layers`.",
+                    "layer must remain; never a Hymba global-attention layer); null drops none. Not with `num_layers`.",
     )
     layer_metric: Literal["kl", "cosine"] = Field(
         "kl",
