@@ -130,7 +130,7 @@ class ModelSpec(Section):
     family: str = Field(
         "nemotron_h",
         description="Architecture family, a key of `model/architectures.py`'s FAMILIES (`nemotron_h` or `hymba`). "
-                    "Only `nemotron_h` models can be compressed.",
+                    "Both can be compressed (Hymba's axes: docs/compression.md, section 7).",
     )
     preset: str = Field(
         "tiny",

@@ -113,3 +113,46 @@ def test_factory_pretrains_a_hymba_recipe(corpus_dir, tmp_path):
     # The factory's output folder is a checkpoint in its own right: it loads without the project.
     remote = load_in_fresh_process(folder, "remote", tmp_path)
     assert not remote["project_loaded"] and remote["generated"] == expected
+
+
+@pytest.mark.slow  # `factory run` of a micro Hymba recipe: every stage, Prefect and MLflow included
+def test_factory_run_compresses_distills_evaluates_and_registers_a_hymba_student(corpus_dir, tmp_path):
+    import os
+
+    recipe = recipe_dict(
+        corpus_dir, name="hymba-micro", model={"family": "hymba", "preset": "micro"},
+        train={"steps": 8, "lr": 1e-2, "checkpoint_every": 4, "eval_every": 4},
+        compress={"importance": {"samples": 8, "batch_size": 4, "layer_samples": 4},
+                  # every Hymba axis: hidden, FFN, hybrid heads and a window layer (globals are kept)
+                  "target": {"hidden_size": 48, "intermediate_size": 64, "num_attention_heads": 2, "num_layers": 5}},
+        distill={"train": {"steps": 6, "batch_size": 8, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 1,
+                           "checkpoint_every": 3, "eval_every": 6, "eval_batches": 2}},
+        evaluate={"sections": ["quality", "efficiency"],
+                  "quality": {"validation_rows": 8, "generation_prompts": 2, "prompt_tokens": 8, "generation_tokens": 8},
+                  "efficiency": {"batch_sizes": [1], "context_lengths": [32], "decode_tokens": 4, "repeats": 1},
+                  "gate": {"max_val_loss_ratio": 2.0}})
+    path = write_recipe(tmp_path / "hymba-micro.yaml", recipe)
+    env = dict(os.environ, FACTORY_ARTIFACT_ROOT=str(tmp_path / "artifacts"), PREFECT_HOME=str(tmp_path / "prefect"),
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for key in ("PREFECT_API_URL", "PREFECT_RESULTS_LOCAL_STORAGE_PATH"):
+        env.pop(key, None)
+    run = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path)], cwd=Path(__file__).parents[1], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "models:/hymba-micro/1"
+
+    listed = subprocess.run([sys.executable, "-m", "flows.cli", "models", "list", "--json"], cwd=Path(__file__).parents[1],
+                            env=env, capture_output=True, text=True)
+    student = [r for r in json.loads(listed.stdout) if r["name"] == "hymba-micro"]
+    assert len(student) == 1 and "champion" in student[0]["aliases"] and student[0]["stage"] == "distill"
+
+    # The report measures the student's cache and decode speed beside the teacher's.
+    metrics = json.loads(next((tmp_path / "artifacts").glob("evaluate/*/report/metrics.json")).read_text())
+    teacher_label = metrics["teacher"]
+    (student_label,) = set(metrics["models"]) - {teacher_label}
+    points = {label: metrics["models"][label]["result"]["efficiency"]["points"][0] for label in metrics["models"]}
+    for point in points.values():
+        assert point["decode_tokens_per_s"] > 0 and point["cache_bytes_per_sequence"] > 0
+    # 5 layers of 48 channels against 6 of 64: the student's cache is smaller.
+    assert points[student_label]["cache_bytes_per_sequence"] < points[teacher_label]["cache_bytes_per_sequence"]
+    assert metrics["models"][student_label]["result"]["model"]["family"] == "hymba"

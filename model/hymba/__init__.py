@@ -11,13 +11,13 @@ lower case for a KV consumer (it reuses the K/V of the layer before it). Every l
 has SSM heads and an FFN. ``ssm_type: mamba1`` is the release's layout (Mamba-1 channels and
 the release's parameter names), in which nvidia/Hymba-1.5B-Base's checkpoint loads as it is.
 
-Axes a compression stage can cut (none implemented here): hidden size (embedding, every
-RMSNorm, in_proj columns, out_proj rows, FFN), FFN neurons, SSM heads (group-aware, the
-same count kept per group) and SSM head channels, attention heads within KV groups (the
-attention width heads x v_head_dim must stay equal to the SSM width heads x head_dim,
-because the branches are averaged), meta tokens, and layers (dropping a KV producer means
-promoting its first consumer). With ``ssm_type: mamba1`` the SSM axis is channels of d_inner
-(A, Δ, D and the conv are per channel; B and C are shared), not heads.
+Compression (``compression/hymba.py``, docs/compression.md 7) cuts hidden size (embedding,
+every RMSNorm, in_proj columns, out_proj rows, FFN), FFN neurons, hybrid heads (a query head
+with the SSM heads under its out_proj columns: the branches are averaged into one out_proj,
+so both keep the same columns), sub-heads and SSM channels, and layers (the global-attention
+layers are kept; a dropped KV producer's first consumer is promoted). Meta tokens and KV heads
+are kept. With ``ssm_type: mamba1`` the SSM axis is channels of d_inner (A, Δ, D and the conv
+are per channel; B and C are shared), not heads.
 """
 
 from __future__ import annotations
