@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from registry_transfer import start_moto  # noqa: E402
 from train_throughput import training_setup  # noqa: E402
 from transformers import NemotronHForCausalLM  # noqa: E402
 
@@ -37,25 +37,6 @@ from model.train import train  # noqa: E402
 from store.s3 import S3Store  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint_upload.json"
-
-
-def start_s3() -> tuple[subprocess.Popen, str]:
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            return server, endpoint
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("moto server did not start")
 
 
 def run_once(config, data, spec, work: Path, store: S3Store | None) -> dict:
@@ -84,7 +65,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    server, endpoint = start_s3()
+    server, endpoint = start_moto()
     os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                       AWS_DEFAULT_REGION="us-east-1")
     scratch = Path(tempfile.mkdtemp(prefix="checkpoint-upload-"))

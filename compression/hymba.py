@@ -75,7 +75,7 @@ from dataclasses import dataclass, field
 import torch
 
 from compression.importance import Scores
-from compression.prune import PrunePlan, _cols, _rows, _top, _top_per_group
+from compression.prune import PrunePlan, _cols, _rows, _top, _top_per_group, depth_problems
 from compression.spec import PruneTarget
 
 SUPPORTED_SSM_TYPES = ("mamba2", "mamba1")
@@ -272,19 +272,12 @@ def target_problems(config, target: PruneTarget) -> dict[str, str]:
             problems[name] = f"{value} is larger than the source model's {source}"
     problems |= mixer_shape(config, target)[1]
     num_layers, global_layers = config.num_hidden_layers, sorted(config.global_attn_layers)
-    if target.num_layers is not None:
-        if target.num_layers > num_layers:
-            problems["num_layers"] = f"{target.num_layers} is larger than the source model's {num_layers}"
-        elif target.num_layers < len(global_layers):
-            problems["num_layers"] = (f"depth pruning keeps the {len(global_layers)} global-attention layers "
-                                      f"{global_layers}; keep at least that many, got {target.num_layers}")
-    if target.drop_layers is not None:
-        outside = [i for i in target.drop_layers if not 0 <= i < num_layers]
-        if outside:
-            problems["drop_layers"] = f"layers {outside} do not exist (the model has {num_layers}: 0..{num_layers - 1})"
-        elif len(target.drop_layers) >= num_layers:
-            problems["drop_layers"] = "would drop every layer"
-        elif dropped_globals := sorted(set(target.drop_layers) & set(global_layers)):
+    problems |= depth_problems(target, num_layers)
+    if "num_layers" not in problems and target.num_layers is not None and target.num_layers < len(global_layers):
+        problems["num_layers"] = (f"depth pruning keeps the {len(global_layers)} global-attention layers "
+                                  f"{global_layers}; keep at least that many, got {target.num_layers}")
+    if "drop_layers" not in problems and target.drop_layers is not None:
+        if dropped_globals := sorted(set(target.drop_layers) & set(global_layers)):
             problems["drop_layers"] = (f"layers {dropped_globals} are global-attention layers, which depth pruning "
                                        f"keeps (globals: {global_layers})")
     return problems

@@ -96,7 +96,12 @@ def target_problems(config, target: PruneTarget) -> dict[str, str]:
             f"must be a multiple of num_key_value_heads ({config.num_key_value_heads}), "
             f"got {target.num_attention_heads}"
         )
-    num_layers = len(config.layers_block_type)
+    return problems | depth_problems(target, len(config.layers_block_type))
+
+
+def depth_problems(target: PruneTarget, num_layers: int) -> dict[str, str]:
+    """Why ``target``'s ``num_layers`` / ``drop_layers`` cannot be cut from ``num_layers`` layers."""
+    problems = {}
     if target.num_layers is not None and target.num_layers > num_layers:
         problems["num_layers"] = f"{target.num_layers} is larger than the source model's {num_layers}"
     if target.drop_layers is not None:
