@@ -75,6 +75,38 @@ def checkpoint_identity(folder: Path) -> str:
 _NO_PADDING = {"hymba"}
 
 
+class PerRequestSampler:
+    """A logits processor that picks each row's next token from that row's own random stream
+    (temperature, then top-p), seeded by ``seed`` and the row's request (``ChatRequest.key_parts``),
+    and leaves only that token possible; rows with temperature 0 take the argmax. With greedy
+    decoding around it, a request generates the same text in any batch, alone or not."""
+
+    def __init__(self, requests: list[ChatRequest], seed: int = 0):
+        self.requests = requests
+        self.seeds = [int(record_key("sample", seed, r.key_parts())[:15], 16) for r in requests]
+        self.samples = any(r.temperature > 0 for r in requests)
+        self._generators = None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self._generators is None:  # on the logits' device (a CUDA generator for CUDA logits)
+            self._generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        chosen = scores.argmax(dim=-1)  # (B,)
+        for row, (request, generator) in enumerate(zip(self.requests, self._generators, strict=True)):
+            if request.temperature <= 0:
+                continue
+            probs = torch.softmax(scores[row].float() / request.temperature, dim=-1)  # (V,)
+            if request.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                before = sorted_probs.cumsum(0) - sorted_probs  # mass of the more likely tokens
+                sorted_probs[before >= request.top_p] = 0.0  # the nucleus: the first token always stays
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+            chosen[row] = torch.multinomial(probs, 1, generator=generator)[0]
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, chosen[:, None], 0.0)
+
+
 class LocalGenerator:
     """A checkpoint folder run here with batched ``model.generate`` (left padding)."""
 
@@ -118,7 +150,6 @@ class LocalGenerator:
         texts = [render_chat(self.tokenizer, r.messages, add_generation_prompt=True) for r in requests]
         encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         for batch in self._batches(encoded):
-            first = requests[batch[0]]
             max_new = max(requests[i].max_new_tokens for i in batch)
             room = (self.max_positions - max_new) if self.max_positions else None
             rows = [encoded[i][-room:] if room and room > 0 else encoded[i] for i in batch]  # keep the prompt's end
@@ -126,14 +157,15 @@ class LocalGenerator:
             pad = self.tokenizer.pad_token_id
             input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)  # (B, T)
             attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-            sampling = first.temperature > 0
-            # One seed per batch from its requests: the same batch samples the same text again.
-            torch.manual_seed(self.seed + int(record_key([requests[i].key_parts() for i in batch])[:8], 16))
+            # Each request samples from its own generator, seeded by what decides it: its text does
+            # not depend on which requests share its batch (a resumed run batches only the missing
+            # ones). Greedy decoding then takes the one token the sampler left.
+            sampler = PerRequestSampler([requests[i] for i in batch], self.seed)
             with torch.no_grad():
                 out = self.model.generate(
                     input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new,
-                    do_sample=sampling, temperature=first.temperature if sampling else None,
-                    top_p=first.top_p if sampling else None, pad_token_id=pad,
+                    do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                    logits_processor=[sampler] if sampler.samples else None,
                     eos_token_id=self.tokenizer.eos_token_id)  # (B, T + new)
             for row, i in enumerate(batch):
                 new_tokens = out[row, width : width + requests[i].max_new_tokens]

@@ -59,22 +59,37 @@ def parse_single(text: str) -> str:
 
 # ----- math answers
 
-_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
 _ANSWER_LINE = re.compile(r"(?:final answer|answer)\s*(?:is)?\s*[:=]?\s*(.+)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?")
 
 
+def _last_boxed(text: str) -> str | None:
+    """The contents of the last ``\\boxed{...}`` (``\\fbox``), braces nested to any depth."""
+    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    for start in reversed(starts):
+        depth = 1
+        for i in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            if depth == 0:
+                return text[start:i]
+    return None
+
+
 def final_answer(text: str) -> str | None:
     """The final answer of a math response: ``\\boxed{...}``, then ``#### x`` (GSM8K),
-    then an "Answer: x" line, then the last number; None when there is none."""
-    if boxed := _BOXED.findall(text):
-        return boxed[-1].strip()
+    then an "Answer: x" line (its LaTeX as written, else its first number), then the last
+    number; None when there is none."""
+    if (boxed := _last_boxed(text)) is not None:
+        return boxed.strip()
     if (hashes := re.findall(r"####\s*(.+)", text)):
         return hashes[-1].strip()
     lines = [m.group(1).strip() for line in text.splitlines() if (m := _ANSWER_LINE.search(line))]
     if lines and lines[-1]:
-        number = _NUMBER.search(lines[-1])
-        return number.group(0) if number else lines[-1].rstrip(".")
+        line = lines[-1].rstrip(".").strip()
+        if "\\" in line:  # \frac{3}{4}, \{1, 2\}, $x \le 2$: the expression, not its first digit
+            return line
+        number = _NUMBER.search(line)
+        return number.group(0) if number else line
     numbers = _NUMBER.findall(text)
     return numbers[-1] if numbers else None
 

@@ -37,6 +37,7 @@ from sdg.scorers import (
 )
 from sdg.shards import RecordStore, record_key
 from sdg.spec import SDGSpec
+from sdg.verifiers import math_checker_version
 
 Progress = Callable[[str, int, int], None]  # (step, done, total): e.g. a Prefect progress artifact
 
@@ -191,7 +192,9 @@ def generate_responses(spec: SDGSpec, run: Run, prompts: list[dict]) -> dict[str
 
 def check_responses(spec: SDGSpec, run: Run, prompts: list[dict], by_prompt: dict[str, list[dict]]) -> None:
     """Attach each response's verdict (ground truth / verifier, None without one), kept in the shards."""
-    version = code_version("sdg.responses")  # a fixed verifier (or its parsing) judges again
+    version = code_version("sdg.responses")  # a fixed verifier (or its parsing) judges again,
+    if any("answer" in p for p in prompts):  # and so does a new math-verify
+        version = record_key(version, math_checker_version())
     key = lambda p, r: record_key("verdict", version, spec.verify.model_dump(), p, r["text"])
     checked = [(p, r) for p in prompts if has_verifier(p) for r in by_prompt[p["id"]]]
     values = run.cached("verdicts", [(key(p, r), (p, r["text"])) for p, r in checked],
@@ -267,28 +270,39 @@ def passes_filter(spec: SDGSpec, response: dict) -> str | None:
 
 
 def sft_rows(spec: SDGSpec, run: Run, prompts: list[dict], by_prompt: dict[str, list[dict]]) -> list[dict]:
+    """Every non-empty response, deduplicated, then filtered. The order is fixed by the records
+    alone (score, then id: never the order responses completed or shards were written), and dedup
+    comes before the thresholds, so which twin of a near-duplicate group survives does not depend
+    on them: a stricter filter only removes rows."""
     weights = spec.scorer.weights
     candidates = []
     for p in prompts:
         for r in by_prompt[p["id"]]:
-            if (reason := passes_filter(spec, r)) is not None:
-                run.count("sft", **{f"dropped_{reason}": 1})
+            if not r["text"].strip():
+                run.count("sft", dropped_empty=1)
                 continue
             messages = p["messages"] + [{"role": "assistant", "content": r["text"]}]
             verdict = r.get("verdict")
-            candidates.append({
+            candidates.append((r, {
                 "id": r["key"], "prompt_id": p["id"], "kind": p["kind"], "sample": r["sample"],
                 "text": render_conversation(messages), "messages": messages,
                 "prompt": render_prompt(p["messages"]), "response": r["text"],
                 "scores": r.get("scores"), "score": score_of(r, weights),
                 "verified": verdict["passed"] if verdict else None, "verified_by": verdict["by"] if verdict else None,
                 "meta": p["meta"], "generator": run.identities["generator"],
-            })
-    # Best first, so the copy a near-duplicate group keeps is its best-scored one.
-    candidates.sort(key=lambda row: (-(row["score"] if row["score"] is not None else 0.0), row["id"]))
-    keep = run.dedup([f"{row['prompt']}\n{row['response']}" for row in candidates])
-    run.count("sft", kept=len(keep), dropped_duplicate=len(candidates) - len(keep))
-    return [candidates[i] for i in keep]
+            }))
+    # Best first, so the copy a near-duplicate group keeps is its best-scored one (ties: lowest id).
+    candidates.sort(key=lambda c: (-(c[1]["score"] if c[1]["score"] is not None else 0.0), c[1]["id"]))
+    keep = run.dedup([f"{row['prompt']}\n{row['response']}" for _, row in candidates])
+    run.count("sft", dropped_duplicate=len(candidates) - len(keep))
+    rows = []
+    for r, row in (candidates[i] for i in keep):
+        if (reason := passes_filter(spec, r)) is not None:
+            run.count("sft", **{f"dropped_{reason}": 1})
+            continue
+        rows.append(row)
+    run.count("sft", kept=len(rows))
+    return rows
 
 
 def preference_rows(spec: SDGSpec, run: Run, pairs: list[dict]) -> list[dict]:

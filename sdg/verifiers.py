@@ -6,7 +6,10 @@ by ground truth or a verifier first, then by a judge or reward model).
 - **Constraints** (IFEval-style, Zhou et al. 2023): each kind has its instruction wording
   and its check side by side in ``CONSTRAINTS``, so the prompt and the test cannot drift.
 - **Math**: the response's final answer (``\\boxed{}``, ``####``, "Answer:", last number)
-  against the ground truth, numerically when both are numbers.
+  against the ground truth by math-verify (Hugging Face's checker: LaTeX and plain
+  expressions parsed to SymPy, then compared numerically and symbolically: ``\\frac{3}{4}``
+  equals ``0.75``, ``\\{3,2,1\\}`` equals ``\\{1,2,3\\}``, ``2(x+1)`` equals ``2x+2``); string
+  matching only where math-verify finds no expression on either side.
 - **Code**: run in a fresh ``python -I`` subprocess with limits on CPU time, wall time
   (the whole process group is killed), address space, file size and open files, a
   scrubbed environment, an empty working folder, and no network: an audit hook
@@ -29,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -150,17 +154,78 @@ def check_constraints(response: str, constraints: list[dict]) -> dict[str, bool]
 # --------------------------------------------------------------------------------------
 
 
+MATH_VERIFY_TIMEOUT_S = 5  # per parse and per comparison (SymPy can take unbounded time on hostile input)
+MATH_VERIFY_MAX_CHARS = 1000  # a final answer longer than this is not parsed (off the main thread: no timeout)
+
+
+def _math_verify():
+    try:
+        import math_verify
+    except ImportError as e:
+        raise ImportError("sdg: math answers are checked with math-verify, which is not installed: "
+                          "pip install 'math-verify[antlr4_13_2]' (a dependency of this project: "
+                          "pip install -e .)") from e
+    return math_verify
+
+
+def math_checker_version() -> str:
+    """What checks math answers, for the verdicts' record keys: a new math-verify judges again."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"math-verify {version('math-verify')}, latex2sympy2_extended {version('latex2sympy2_extended')}"
+    except PackageNotFoundError:
+        _math_verify()  # the error that says what to install
+        raise
+
+
+def _timeout_s() -> int | None:
+    """math-verify times out with SIGALRM, which only the main thread may set: elsewhere (a
+    Prefect task's worker thread, a thread pool) no timeout, and long answers are not parsed."""
+    return MATH_VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+def _parse_math(answer: str, timeout_s: int | None) -> list:
+    mv = _math_verify()
+    text = answer.strip()
+    if not text or len(text) > MATH_VERIFY_MAX_CHARS:
+        return []
+    if not (text.startswith("$") and text.endswith("$") and len(text) > 1):
+        text = f"${text}$"  # the final answer as an inline formula: LaTeX or a plain expression
+    return mv.parse(text, extraction_config=[mv.LatexExtractionConfig(), mv.ExprExtractionConfig()],
+                    parsing_timeout=timeout_s)
+
+
+def math_equal(got: str, expected: str) -> bool | None:
+    """Whether two final answers are the same mathematical object (math-verify), or None when
+    either side parses to nothing it can compare."""
+    timeout_s = _timeout_s()
+    gold, pred = _parse_math(expected, timeout_s), _parse_math(got, timeout_s)
+    if not gold or not pred:
+        return None
+    return bool(_math_verify().verify(gold, pred, timeout_seconds=timeout_s))
+
+
+def _string_equal(got: str, expected: str) -> bool:
+    a, b = normalize_answer(got), normalize_answer(expected)
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    return a == b
+
+
 def answer_matches(response: str, truth: str) -> bool:
     """The response's final answer equals the ground truth (a bare answer, or a solution
-    ending in ``#### x`` / ``\\boxed{x}``); numbers compare with a relative tolerance of 1e-6."""
+    ending in ``#### x`` / ``\\boxed{x}``), as math-verify compares them (fractions,
+    decimals, percentages, LaTeX, sets, intervals, equivalent expressions); where math-verify
+    finds no expression, normalized strings (numbers with a relative tolerance of 1e-6)."""
     got = final_answer(response)
     if got is None:
         return False
     expected = final_answer(truth) if re.search(r"####|\\boxed", truth) else truth
-    a, b = normalize_answer(got), normalize_answer(expected or "")
-    if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
-    return a == b
+    if not expected:
+        return False
+    same = math_equal(got, expected)
+    return _string_equal(got, expected) if same is None else same
 
 
 # --------------------------------------------------------------------------------------

@@ -62,6 +62,8 @@ def test_final_answer_and_code_extraction():
     assert final_answer("Step 1 ... Answer: $1,200.") == "$1,200"
     assert final_answer("It is 3 and then 7") == "7"
     assert final_answer("no numbers here") is None
+    assert final_answer("so \\boxed{\\frac{\\sqrt{2}}{2}} at last") == "\\frac{\\sqrt{2}}{2}"  # nested braces
+    assert final_answer("Answer: \\frac{3}{4}.") == "\\frac{3}{4}"
     assert extract_code("Here:\n```python\ndef f():\n    return 1\n```\ndone") == "def f():\n    return 1"
     assert extract_code("print(1)") == "print(1)"
 
@@ -118,6 +120,70 @@ def test_every_constraint_kind_is_worded_and_checked():
 ])
 def test_math_answers(response, truth, expected):
     assert answer_matches(response, truth) is expected
+
+
+# Equal answers written differently: normalized string matching called these wrong (and so
+# flipped preference pairs); math-verify compares the mathematical objects.
+EQUAL_BUT_WRITTEN_DIFFERENTLY = [
+    ("The answer is \\boxed{\\frac{3}{4}}.", "0.75"),  # LaTeX fraction vs decimal
+    ("The answer is \\boxed{0.75}.", "\\frac{3}{4}"),
+    ("So \\boxed{\\dfrac{3}{4}}", "3/4"),
+    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}"),  # nested braces; equivalent expressions
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}"),
+    ("\\boxed{2(x+1)}", "2x+2"),
+    ("\\boxed{\\{3, 2, 1\\}}", "\\{1,2,3\\}"),  # sets in any order
+    ("\\boxed{[0, \\frac{1}{2})}", "[0,0.5)"),  # intervals
+    ("\\boxed{x = 3}", "3"),
+    ("Answer: \\frac{1}{2}", "0.5"),  # an answer line in LaTeX: not its first digit
+    ("\\boxed{5\\%}", "0.05"),
+]
+STILL_WRONG = [
+    ("\\boxed{\\frac{1}{3}}", "0.33"),  # a rounded decimal is not the fraction
+    ("\\boxed{[1, 2)}", "(1,2)"),  # closed vs open end
+    ("\\boxed{\\{1, 2\\}}", "\\{1,2,3\\}"),
+    ("\\boxed{x^3}", "x^2"),
+    ("\\boxed{2x+1}", "2(x+1)"),
+    ("\\boxed{3.14159}", "\\pi"),
+    ("The answer is \\boxed{71}.", "72"),
+    ("There is no answer here.", "\\frac{3}{4}"),
+]
+
+
+@pytest.mark.parametrize("response,truth", EQUAL_BUT_WRITTEN_DIFFERENTLY)
+def test_math_verify_accepts_what_string_matching_rejected(response, truth):
+    from sdg.parsing import normalize_answer
+
+    assert normalize_answer(final_answer(response)) != normalize_answer(truth)  # the old rule: "wrong"
+    assert answer_matches(response, truth) is True
+
+
+@pytest.mark.parametrize("response,truth", STILL_WRONG)
+def test_math_verify_still_rejects_wrong_answers(response, truth):
+    assert answer_matches(response, truth) is False
+
+
+def test_math_answers_are_checked_off_the_main_thread():
+    """math-verify's default timeouts use SIGALRM, which only the main thread may set: a stage
+    run in a worker thread (Prefect, a thread pool) checks answers without them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdg import verifiers
+
+    cases = EQUAL_BUT_WRITTEN_DIFFERENTLY[:3] + STILL_WRONG[:3]
+    with ThreadPoolExecutor(2) as pool:
+        verdicts = list(pool.map(lambda c: answer_matches(*c), cases))
+        assert pool.submit(verifiers._timeout_s).result() is None
+    assert verdicts == [True] * 3 + [False] * 3
+    assert verifiers._timeout_s() == verifiers.MATH_VERIFY_TIMEOUT_S  # here, on the main thread
+
+
+def test_a_missing_math_verify_is_named(monkeypatch):
+    import sys
+
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r"math-verify\[antlr4_13_2\]"):
+        answer_matches("\\boxed{1}", "1")
 
 
 # --------------------------------------------------------------------------------------

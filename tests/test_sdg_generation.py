@@ -111,6 +111,21 @@ def test_batched_generation_matches_one_prompt_at_a_time(generator_dir):
     assert generator.identity == f"checkpoint:{folder_digest(generator_dir)}"
 
 
+def test_a_sampled_request_generates_the_same_text_in_any_batch(generator_dir):
+    """Sampling draws from one random stream per request (seeded by the request), so what a
+    request generates does not depend on its batch: a resumed run batches only the missing ones."""
+    prompts = ["hi", "import os", "def main():\n    return x", "rivers and mountains of Europe", "tell me"]
+    requests = [ChatRequest(messages=[{"role": "user", "content": p}], max_new_tokens=10, temperature=1.0,
+                            top_p=0.9, sample=s) for p in prompts for s in range(2)]
+    generator = LocalGenerator(generator_dir, batch_size=8)
+    together = dict(generator.generate_iter(requests))
+    generator.batch_size = 3
+    regrouped = dict(generator.generate_iter(requests[::-1]))
+    assert [together[i] for i in range(len(requests))] == [regrouped[len(requests) - 1 - i] for i in range(len(requests))]
+    assert together[0] != together[1] or together[2] != together[3]  # samples of one prompt differ
+    assert dict(LocalGenerator(generator_dir, batch_size=8, seed=1).generate_iter(requests)) != together
+
+
 def test_reward_model_scores_each_attribute_from_the_last_token(generator_dir, reward_dir):
     rm = RewardModel(reward_dir, batch_size=2)
     assert rm.attributes == list(HELPSTEER2_ATTRIBUTES)
@@ -296,7 +311,7 @@ def _complete_keys(folder: Path) -> set[str]:
 @pytest.mark.slow  # an SDG subprocess, killed
 def test_a_killed_run_resumes_generating_only_the_missing_records(tmp_path, generator_dir):
     spec = small_spec(generator_dir, generator={"model": str(generator_dir), "max_new_tokens": 16,
-                                                "temperature": 1.0, "batch_size": 1},
+                                                "temperature": 1.0, "batch_size": 2},
                       writing={"kinds": ["poem", "essay", "story", "letter"]}, responses={"per_prompt": 3})
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(spec.model_dump_json())
@@ -327,6 +342,10 @@ def test_a_killed_run_resumes_generating_only_the_missing_records(tmp_path, gene
     rows = [json.loads(line) for line in (Path(ref.uri) / "sft.jsonl").read_text().splitlines()]
     assert len({r["id"] for r in rows}) == len(rows)
     assert len({(r["prompt_id"], r["sample"]) for r in rows}) == len(rows)
+    # The datasets equal an uninterrupted run's, byte for byte (batches of 2: the kill split some).
+    clean = sdg_stage.run(spec, {}, LocalStore(tmp_path / "clean"), StageContext("resume"))
+    for name in ("sft.jsonl", "preference.jsonl", "sft.parquet", "preference.parquet"):
+        assert (Path(ref.uri) / name).read_bytes() == (Path(clean.uri) / name).read_bytes(), name
 
 
 def test_factory_sdg_runs_the_recipe_with_its_tiny_teacher(tmp_path, corpus_dir, capsys, monkeypatch):
@@ -379,3 +398,60 @@ def test_sdg_output_is_logged_to_mlflow_as_datasets_with_lineage(tmp_path, gener
     assert json.loads(sft.dataset.profile)["num_rows"] == ref.metadata["sft_rows"]
     assert run.data.tags["factory.sdg.digest"] == ref.digest
     assert run.data.metrics["sdg/sft_rows"] == ref.metadata["sft_rows"]
+
+
+# --------------------------------------------------------------------------------------
+# Interruptions do not change the datasets
+# --------------------------------------------------------------------------------------
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs in the step (BaseException: no handler catches it)."""
+
+
+def _interrupt_responses_after(monkeypatch, records: int) -> None:
+    """The ``responses`` step stops after ``records`` results were kept, as a kill would leave it."""
+    ask = Run.ask
+
+    def interrupted(self, step, prompts, samples=None, who="generator"):
+        if step == "responses":
+            backend = self.backend(who)
+            generate_iter = backend.generate_iter
+
+            def cut(requests):
+                for n, item in enumerate(generate_iter(requests)):
+                    if n == records:
+                        raise Killed
+                    yield item
+
+            monkeypatch.setattr(backend, "generate_iter", cut)
+        return ask(self, step, prompts, samples, who)
+
+    monkeypatch.setattr(Run, "ask", interrupted)
+
+
+def test_an_interrupted_run_writes_the_datasets_of_an_uninterrupted_one(tmp_path, generator_dir, reward_dir,
+                                                                       problem_files, monkeypatch):
+    """Killed mid-batch during responses, run again: the same sft and preference files, byte for byte.
+    Sampled texts must not depend on which requests happened to share a batch on this run."""
+    spec = small_spec(generator_dir, reward_dir, math={"problems_file": str(problem_files["math"])},
+                      instruction_following={"prompts": 2, "constraints": ["no_commas", "lowercase"]},
+                      responses={"per_prompt": 3})
+    clean = sdg_stage.run(spec, {}, LocalStore(tmp_path / "clean"), StageContext("same"))
+
+    store = LocalStore(tmp_path / "interrupted")
+    with monkeypatch.context() as patch:
+        _interrupt_responses_after(patch, records=5)  # batch_size 8: inside the first batch
+        with pytest.raises(Killed):
+            sdg_stage.run(spec, {}, store, StageContext("same"))
+    parts = list((tmp_path / "interrupted" / "sdg" / "same" / "records" / "responses").glob("part-*.jsonl"))
+    assert len(parts) == 1 and len(parts[0].read_text().splitlines()) == 5
+    with open(parts[0], "a") as f:
+        f.write('{"key": "torn by the kil')  # a record half written when the process died
+    resumed = sdg_stage.run(spec, {}, store, StageContext("same"))
+
+    stats = resumed.metadata["stats"]
+    assert stats["responses"]["reused"] == 5 and stats["responses"]["generated"] == stats["responses"]["requested"] - 5
+    assert clean.metadata["sft_rows"] > 0 and clean.metadata["preference_rows"] > 0
+    for name in ("sft.jsonl", "preference.jsonl", "sft.parquet", "preference.parquet"):
+        assert (Path(resumed.uri) / name).read_bytes() == (Path(clean.uri) / name).read_bytes(), name
