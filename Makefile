@@ -22,7 +22,7 @@ demo: $(BIN)/.installed
 	$(BIN)/factory run recipes/tiny.yaml
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow" tests
