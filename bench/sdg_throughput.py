@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.architectures import build_model_config, get_family  # noqa: E402
 from model.spec import ModelSpec  # noqa: E402
 from model.tokenizer import train_bpe  # noqa: E402
-from sdg.backends import DEFAULT_CHAT_TEMPLATE, ChatRequest, EndpointGenerator, LocalGenerator  # noqa: E402
+from sdg.backends import ChatRequest, EndpointGenerator, LocalGenerator  # noqa: E402
 from sdg.shards import RecordShards, record_key  # noqa: E402
 
 
@@ -39,7 +39,6 @@ def tiny_checkpoint(folder: Path) -> Path:
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     tokenizer = train_bpe((p.read_text() for p in sorted(stdlib.glob("[a-m]*.py"))[:60]), 4096)
-    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     torch.manual_seed(0)
     model = get_family("nemotron_h").model_class(build_model_config(ModelSpec(preset="tiny"), tokenizer))
     model.save_pretrained(folder)

@@ -125,4 +125,6 @@ def load_pretrained(path, device=None, dtype=None):
     net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto")
     if device is not None:
         net.to(device)
-    return net, AutoTokenizer.from_pretrained(path)
+    from model.tokenizer import with_chat_template
+
+    return net, with_chat_template(AutoTokenizer.from_pretrained(path))

@@ -2,7 +2,13 @@
 
 A trained tokenizer is saved as an HF ``PreTrainedTokenizerFast`` folder, the same files
 that go into every checkpoint, so ``AutoTokenizer.from_pretrained(checkpoint)`` works.
-Special tokens take ids 0, 1, 2 (pad, bos, eos), which are also NemotronHConfig's defaults.
+Special tokens take ids 0, 1, 2 (pad, bos, eos), which are also NemotronHConfig's defaults, and
+the chat roles' tags (``<|system|>``, ``<|user|>``, ``<|assistant|>``) the next ids, so a tag is
+one token that no text can spell by accident.
+
+Every tokenizer the factory writes carries a chat template (``CHAT_TEMPLATE`` unless the
+tokenizer brought its own), so ``apply_chat_template``, ``transformers serve``'s chat endpoint,
+vLLM and lm-eval's chat mode read a checkpoint's conversations the way it was trained on them.
 """
 
 from __future__ import annotations
@@ -16,7 +22,24 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from model.digests import file_digest
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
-SPECIAL_TOKENS = [PAD, BOS, EOS]
+ROLE_TAGS = ["<|system|>", "<|user|>", "<|assistant|>"]
+SPECIAL_TOKENS = [PAD, BOS, EOS, *ROLE_TAGS]
+
+# Each message is its role's tag, a newline, the content and a newline; an assistant's content
+# ends with eos, so a model trained on it stops after its reply. ``sdg/output.py:
+# render_conversation`` writes the same text without a tokenizer (a test holds them equal).
+CHAT_TEMPLATE = (  # newlines as expressions: transformers renders with trim_blocks, which eats one after a tag
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def with_chat_template(tokenizer):
+    """``tokenizer`` with ``CHAT_TEMPLATE`` where it has no chat template of its own."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
@@ -37,12 +60,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
         pad_token=PAD,
         bos_token=BOS,
         eos_token=EOS,
+        additional_special_tokens=ROLE_TAGS,
         clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """An HF tokenizer folder (``tokenizer.json`` at least). A missing pad token becomes eos."""
+    """An HF tokenizer folder (``tokenizer.json`` at least), with a chat template (its own, else
+    ``CHAT_TEMPLATE``). A missing pad token becomes eos."""
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {path}")
@@ -51,7 +77,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
         raise ValueError(f"tokenizer in {path} has no eos token; packing needs one to separate documents")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return with_chat_template(tokenizer)
 
 
 def tokenizer_digest(path: str | Path) -> str:

@@ -29,12 +29,6 @@ from sdg.shards import record_key
 
 log = logging.getLogger(__name__)
 
-# For tokenizers without a chat template (the factory's own BPE tokenizers): plain role tags.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
 
 @dataclass(frozen=True)
 class ChatRequest:
@@ -50,10 +44,12 @@ class ChatRequest:
 
 
 def render_chat(tokenizer, messages, add_generation_prompt: bool) -> str:
-    """The conversation as the model reads it: its own chat template, else DEFAULT_CHAT_TEMPLATE."""
-    template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
-    return tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    """The conversation as the model reads it: its own chat template (``model/tokenizer.py:
+    CHAT_TEMPLATE`` for a checkpoint written before checkpoints carried one)."""
+    from model.tokenizer import with_chat_template
+
+    return with_chat_template(tokenizer).apply_chat_template(list(messages), tokenize=False,
+                                                             add_generation_prompt=add_generation_prompt)
 
 
 def checkpoint_identity(folder: Path) -> str:

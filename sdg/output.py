@@ -28,9 +28,11 @@ FORMATS = ("jsonl", "parquet")
 _JSON_COLUMNS = ("meta",)
 
 
-def render_conversation(messages: list[dict]) -> str:
-    """The same text as sdg.backends.DEFAULT_CHAT_TEMPLATE (without a generation prompt)."""
-    return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+def render_conversation(messages: list[dict], eos_token: str = "<eos>") -> str:
+    """The text ``model/tokenizer.py: CHAT_TEMPLATE`` renders (without a generation prompt),
+    written without a tokenizer; ``eos_token`` is the factory tokenizer's (``model.tokenizer.EOS``)."""
+    return "".join(f"<|{m['role']}|>\n{m['content']}{eos_token if m['role'] == 'assistant' else ''}\n"
+                   for m in messages)
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:

@@ -24,7 +24,7 @@ from model.data import iter_documents, open_source
 from model.digests import folder_digest
 from model.spec import DataSpec, ModelSpec
 from sdg import sdg_stage
-from sdg.backends import DEFAULT_CHAT_TEMPLATE, ChatRequest, LocalGenerator
+from sdg.backends import ChatRequest, LocalGenerator
 from sdg.output import render_conversation
 from sdg.pipeline import Run, rank_pairs
 from sdg.scorers import HELPSTEER2_ATTRIBUTES, RewardModel, combine, init_reward_head
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """An untrained micro Nemotron-H with a 512-token BPE and a chat template, made once per session."""
+    """An untrained micro Nemotron-H with a 512-token BPE (which carries the chat template), made once per session."""
     folder = tmp_path_factory.getbasetemp() / "sdg-tiny-generator"
     if (folder / "model.safetensors").is_file():
         return folder
@@ -47,7 +47,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     tokenizer = train_bpe((p.read_text() for p in sorted(stdlib.glob("[a-c]*.py"))[:15]), 512)
-    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE  # transformers serve needs one in the folder
     torch.manual_seed(0)
     model = get_family("nemotron_h").model_class(build_model_config(ModelSpec(preset="micro"), tokenizer))
     partial = folder.with_name(folder.name + ".partial")
