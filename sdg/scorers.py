@@ -9,8 +9,9 @@
        reward_head.safetensors   weight (A, hidden_size) float32, bias (A,)
        reward_head.json          {"format": "factory-reward-head", "attributes": ["helpfulness", ...]}
 
-   ``save_reward_head`` writes one (``init_reward_head`` a seeded random one, the start
-   of training one; training reward models is not part of this package).
+   ``save_reward_head`` writes one (``init_reward_head`` a seeded random one;
+   ``alignment/reward.py`` trains one on a frozen backbone, pooling through
+   ``last_token_states`` as scoring does).
 2. An HF ``AutoModelForSequenceClassification`` checkpoint with ``num_labels`` = number
    of attributes and ``id2label`` naming them (e.g. a Llama-based regression RM).
 
@@ -100,9 +101,6 @@ class RewardModel:
         self.device = DevicePolicy().choose(device, "sdg.generator.device")
         dtype = inference_dtype(self.device)  # bfloat16 on CUDA; the attribute head stays float32
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
-        self.tokenizer.padding_side = "right"  # causal: the last real token never sees the padding
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         if (self.folder / HEAD_CONFIG).is_file():
             head = json.loads((self.folder / HEAD_CONFIG).read_text())
             if head.get("format") != HEAD_FORMAT or not head.get("attributes"):
@@ -128,25 +126,46 @@ class RewardModel:
         """One {attribute: value} per conversation (its last message is the response)."""
         import torch
 
-        from sdg.backends import render_chat
-
         results: list[dict[str, float]] = []
         for start in range(0, len(conversations), self.batch_size):
-            texts = [render_chat(self.tokenizer, c, add_generation_prompt=False)
-                     for c in conversations[start : start + self.batch_size]]
-            # Keep the end of long conversations: the response is what is scored.
-            self.tokenizer.truncation_side = "left"
-            batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                                   max_length=self.max_tokens, add_special_tokens=False).to(self.device)
-            last = batch["attention_mask"].sum(dim=1) - 1  # (B,) index of each row's last real token
+            chunk = conversations[start : start + self.batch_size]
             with torch.no_grad():
-                if self.classifier:
-                    values = self.model(**batch).logits.float()  # (B, A): HF pools the last non-pad token
+                if self.classifier:  # HF pools the last non-pad token itself
+                    batch = encode_conversations(self.tokenizer, chunk, self.max_tokens, self.device)
+                    values = self.model(**batch).logits.float()  # (B, A)
                 else:
-                    hidden = self.model.base_model(**batch).last_hidden_state  # (B, T, H), after the final norm
-                    values = self.head(hidden[torch.arange(hidden.shape[0]), last].float())  # (B, A)
+                    pooled = last_token_states(self.model, self.tokenizer, chunk, self.max_tokens)  # (B, H)
+                    values = self.head(pooled.float())  # (B, A)
             results += [dict(zip(self.attributes, map(float, row), strict=True)) for row in values.tolist()]
         return results
+
+
+def encode_conversations(tokenizer, conversations: list[list[dict]], max_tokens: int, device):
+    """Conversations rendered with the model's chat format and tokenized as a reward model reads
+    them: right padding (causal: the last real token never sees the padding) and truncation from
+    the left (the end of a long conversation is the response, what is scored)."""
+    from sdg.backends import render_chat
+
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
+    texts = [render_chat(tokenizer, c, add_generation_prompt=False) for c in conversations]
+    return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_tokens,
+                     add_special_tokens=False).to(device)
+
+
+def last_token_states(model, tokenizer, conversations: list[list[dict]], max_tokens: int):
+    """(B, H): a causal LM's final hidden state (after the final norm) at each conversation's
+    last real token, in the model's dtype, without gradients: what a reward head reads. One
+    function for scoring (``RewardModel.score``) and training (``alignment/reward.py``), so both
+    pool the same way."""
+    import torch
+
+    batch = encode_conversations(tokenizer, conversations, max_tokens, model.device)
+    last = batch["attention_mask"].sum(dim=1) - 1  # (B,) index of each row's last real token
+    with torch.no_grad():
+        hidden = model.base_model(**batch).last_hidden_state  # (B, T, H)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 # --------------------------------------------------------------------------------------
