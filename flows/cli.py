@@ -63,7 +63,7 @@ def _run_until(args, until: str) -> int:
     print(f"data      {data.train_tokens:,} training / {data.validation_tokens:,} validation tokens  {data.uri}")
     for name, ref in refs.items():
         print(_describe(name, ref))
-    print(refs[pipeline.UNTIL[until]].uri)  # the last line: what the command produced
+    print(refs[pipeline.result_name(recipe, until)].uri)  # the last line: what the command produced
     return 0
 
 
@@ -75,18 +75,20 @@ def format_plan(steps) -> str:
 
 
 def summary_table(refs: dict) -> str:
-    """Teacher vs student: parameters, validation loss, decode speed (what `make demo` prints)."""
+    """Teacher vs student (and the aligned model): parameters, validation loss, decode speed (what
+    `make demo` prints)."""
     from model.architectures import format_parameters
 
     evaluation = refs.get("evaluation")
     student = refs.get("distilled") or refs.get("student")
+    aligned = refs.get("aligned")
 
     def measured(ref) -> dict:
         label = evaluation.label_of(ref.digest) if evaluation and ref else None
         return evaluation.metrics.get(label, {}) if label else {}
 
     lines = [f"{'':8} {'parameters':>11} {'val loss':>9} {'decode tok/s':>13}"]
-    for label, ref in (("teacher", refs["teacher"]), ("student", student)):
+    for label, ref in (("teacher", refs["teacher"]), ("student", student), ("aligned", aligned)):
         if ref is None:
             continue
         m = measured(ref)
@@ -127,11 +129,11 @@ def cmd_run(args) -> int:
         refs = factory(recipe)
     print()
     print(summary_table(refs))
-    if (gate := refs["evaluation"].gate_of(refs["distilled"].digest)) is not None:
+    if (gate := refs["evaluation"].gate_of(pipeline.final_model(refs).digest)) is not None:
         print(f"gate: {'passed' if gate.passed else 'failed: ' + '; '.join(gate.reasons)}")
     print(f"report: {store.fetch(refs['evaluation'].uri)}/report.md")
     print("UIs: `factory up` starts Prefect (flow runs, artifacts) and MLflow (runs, registry) on this machine")
-    print(refs["student_version"].uri)
+    print(refs[pipeline.result_name(recipe, "register")].uri)
     return 0
 
 
@@ -173,6 +175,24 @@ def cmd_distill(args) -> int:
 
 def cmd_evaluate(args) -> int:
     return _run_until(args, "evaluate")
+
+
+def cmd_align(args) -> int:
+    return _run_until(args, "align")
+
+
+def cmd_reward(args) -> int:
+    """A reward model (alignment/reward.py) from the recipe's reward_model section."""
+    from flows import pipeline
+    from store import open_store
+
+    recipe = _load_or_exit(args.recipe)
+    if recipe.reward_model is None:
+        _fail([("reward_model", "the recipe has no reward_model section")], args.recipe)
+    ref = pipeline.reward_model(recipe, pipeline.DirectRunner(open_store(), pipeline.context_for(recipe)))
+    print(_describe("reward", ref))
+    print(ref.uri)
+    return 0
 
 
 def _fail(problems: list[tuple[str, str]], source: str) -> None:
@@ -440,6 +460,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("distill", help="distill the compressed student from its teacher")
     p.add_argument("recipe")
     p.set_defaults(func=cmd_distill)
+
+    p = commands.add_parser("align", help="SFT then DPO (TRL) of the recipe's model on its synthetic data "
+                                          "(runs sdg first when the data is this recipe's)")
+    p.add_argument("recipe")
+    p.set_defaults(func=cmd_align)
+
+    p = commands.add_parser("reward", help="train the recipe's reward model (a head on a base checkpoint) and "
+                                           "measure its accuracy on held-out pairs")
+    p.add_argument("recipe")
+    p.set_defaults(func=cmd_reward)
 
     p = commands.add_parser("prune", help="prune a Nemotron-H checkpoint folder to a target (no retraining)")
     p.add_argument("model_dir", metavar="MODEL_DIR")

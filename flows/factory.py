@@ -1,10 +1,10 @@
 """The factory as Prefect flows: a recipe in, a registered, evaluated model out.
 
     data -> pretrain (or the recipe's start_from) -> importance -> search | target
-         -> prune -> distill -> evaluate -> register (teacher, then student)
+         -> prune -> distill -> [sdg -> sft -> preference] -> evaluate -> register (teacher, student, aligned)
 
-``factory`` runs everything; ``pretrain``, ``compress``, ``distill`` and ``evaluate`` run
-up to their stage, earlier stages coming from cache; ``sdg`` makes synthetic data. Each flow
+``factory`` runs everything; ``pretrain``, ``compress``, ``distill``, ``align`` and ``evaluate``
+run up to their stage, earlier stages coming from cache; ``sdg`` makes synthetic data. Each flow
 takes the pydantic ``Recipe`` (the Prefect UI renders it as a form) or a path to a recipe file,
 and its runs are named after the recipe: ``tiny: factory``, ``tiny: distill``.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.pipeline import compose, context_for, sdg_inputs
+from flows.pipeline import compose, context_for, final_model, sdg_inputs
 from flows.recipe import Recipe, load_recipe
 from model.contract import ArtifactStore, Ref, StageContext
 from sdg import sdg_stage
@@ -89,7 +89,7 @@ def _tracked_run(recipe: Recipe, until: str) -> dict:
             return {"sdg": runner.run(sdg_stage, recipe.sdg, sdg_inputs(recipe, runner))}
         refs = compose(recipe, until, runner)
     if (evaluation := refs.get("evaluation")) is not None:
-        gate = evaluation.gate_of(refs["distilled"].digest)
+        gate = evaluation.gate_of(final_model(refs).digest)
         if gate is not None and not gate.passed:
             get_run_logger().warning(f"the gate failed ({'; '.join(gate.reasons)}); champion not moved")
     return refs
@@ -123,6 +123,12 @@ def distill(recipe: Recipe | str) -> dict:
 def evaluate(recipe: Recipe | str) -> dict:
     """Up to the evaluation of teacher and student (report and gate)."""
     return _tracked_run(as_recipe(recipe), "evaluate")
+
+
+@flow(name="align", flow_run_name=_named_after_the_recipe, log_prints=True)
+def align(recipe: Recipe | str) -> dict:
+    """Up to the aligned model: SFT, then preference optimisation, on the synthetic data (made first)."""
+    return _tracked_run(as_recipe(recipe), "align")
 
 
 @flow(name="sdg", flow_run_name=_named_after_the_recipe, log_prints=True)

@@ -1,7 +1,9 @@
 """The factory's stages in order, once, for every way of running them.
 
     data -> teacher (pretrain, or the recipe's start_from) -> importance -> search (or a fixed target)
-         -> prune -> distill -> evaluate -> register (teacher, then student)
+         -> prune -> distill -> [sdg -> sft -> preference] -> evaluate -> register (teacher, student, aligned)
+
+(the bracket: with an ``align`` section; a recipe may align its teacher without compressing it)
 
 ``compose(recipe, until, runner)`` is that sequence. Each line hands one stage module its spec
 and the refs it takes, and never looks inside a ref (the prune stage reads the search's choice,
@@ -23,6 +25,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from alignment import preference_stage, reward_stage, sft_stage
+from alignment.align_stage import dataset_ref
+from alignment.spec import SDG, STUDENT, TEACHER
 from compression import distill_stage, importance_stage, prune_stage, search_stage
 from compression.prune_stage import PruneSpec
 from evaluation import evaluate_stage
@@ -37,12 +42,24 @@ from registry import register_stage
 from registry.register_stage import RegistrationSpec
 from sdg import sdg_stage
 
-STAGES = (data_stage, pretrain_stage, importance_stage, search_stage, prune_stage, distill_stage, evaluate_stage,
-          register_stage, sdg_stage)
+STAGES = (data_stage, pretrain_stage, importance_stage, search_stage, prune_stage, distill_stage, sdg_stage,
+          sft_stage, preference_stage, reward_stage, evaluate_stage, register_stage)
+ALIGN_STAGES = {"sft": sft_stage, "preference": preference_stage}
 
-# How far ``factory pretrain|compress|distill|evaluate|run`` goes, and the ref that is its result.
-UNTIL = {"pretrain": "teacher", "compress": "student", "distill": "distilled", "evaluate": "evaluation",
-         "register": "student_version"}
+# How far ``factory pretrain|compress|distill|align|evaluate|run`` goes, and the ref that is its result
+# (``result_name``: with an align section, the aligned model's version is what a run registers last).
+UNTIL = {"pretrain": "teacher", "compress": "student", "distill": "distilled", "align": "aligned",
+         "evaluate": "evaluation", "register": "student_version"}
+
+
+def result_name(recipe: Recipe, until: str) -> str:
+    """The name of the ref ``compose(recipe, until)`` ends with."""
+    return "aligned_version" if until == "register" and recipe.align is not None else UNTIL[until]
+
+
+def final_model(refs: dict):
+    """The model a run makes last: the aligned one, else the distilled student."""
+    return refs.get("aligned") or refs.get("distilled")
 
 
 def context_for(recipe: Recipe, parent_run: str | None = None) -> StageContext:
@@ -86,10 +103,15 @@ def compose(recipe: Recipe, until: str, runner) -> dict:
     """Run the stages up to ``until`` (a key of UNTIL); returns every ref by name."""
     if until not in UNTIL:
         raise ValueError(f"until must be one of {', '.join(UNTIL)}, got {until!r}")
-    if until != "pretrain" and recipe.compress is None:
+    if until != "pretrain" and recipe.compress is None and recipe.align is None:
         raise ValueError(f"recipe {recipe.name} has no compress section: it can only pretrain")
-    if until not in ("pretrain", "compress") and recipe.distill is None:
+    if until == "compress" and recipe.compress is None:
+        raise ValueError(f"recipe {recipe.name} has no compress section")
+    if until not in ("pretrain", "compress", "align") and recipe.distill is None and recipe.align is None \
+            or until == "distill" and recipe.distill is None:
         raise ValueError(f"recipe {recipe.name} has no distill section")
+    if until == "align" and recipe.align is None:
+        raise ValueError(f"recipe {recipe.name} has no align section")
     refs = {}
     teacher_dir = resolve_start_from(recipe.start_from, runner.store) if recipe.start_from else None
     tokenizer = TokenizerSpec(path=str(teacher_dir)) if teacher_dir else recipe.tokenizer
@@ -103,23 +125,30 @@ def compose(recipe: Recipe, until: str, runner) -> dict:
     if until == "pretrain":
         return refs
 
-    teacher_and_data = {"teacher": refs["teacher"], "data": refs["data"]}
-    refs["scores"] = runner.run(importance_stage, recipe.compress.importance, teacher_and_data)
-    prune_inputs = {"teacher": refs["teacher"], "scores": refs["scores"]}
-    if recipe.compress.search is not None:
-        refs["search"] = prune_inputs["search"] = runner.run(search_stage, recipe.compress.search,
-                                                              teacher_and_data | {"scores": refs["scores"]})
-    refs["student"] = runner.run(prune_stage, PruneSpec(target=recipe.compress.target), prune_inputs)
-    if until == "compress":
-        return refs
-
-    refs["distilled"] = runner.run(distill_stage, recipe.distill,
-                                   {"student": refs["student"], "teacher": refs["teacher"], "data": refs["data"]})
+    if recipe.compress is not None:
+        teacher_and_data = {"teacher": refs["teacher"], "data": refs["data"]}
+        refs["scores"] = runner.run(importance_stage, recipe.compress.importance, teacher_and_data)
+        prune_inputs = {"teacher": refs["teacher"], "scores": refs["scores"]}
+        if recipe.compress.search is not None:
+            refs["search"] = prune_inputs["search"] = runner.run(search_stage, recipe.compress.search,
+                                                                  teacher_and_data | {"scores": refs["scores"]})
+        refs["student"] = runner.run(prune_stage, PruneSpec(target=recipe.compress.target), prune_inputs)
+        if until == "compress":
+            return refs
+    if recipe.distill is not None:
+        refs["distilled"] = runner.run(distill_stage, recipe.distill,
+                                       {"student": refs["student"], "teacher": refs["teacher"], "data": refs["data"]})
     if until == "distill":
         return refs
 
+    if recipe.align is not None:
+        refs |= align(recipe, runner, refs)
+    if until == "align":
+        return refs
+
+    models = [ref for ref in (refs.get("distilled"), refs.get("aligned")) if ref is not None]
     refs["evaluation"] = runner.run(evaluate_stage, recipe.evaluate,
-                                    {"teacher": refs["teacher"], "models": [refs["distilled"]], "data": refs["data"]})
+                                    {"teacher": refs["teacher"], "models": models, "data": refs["data"]})
     if until == "evaluate":
         return refs
 
@@ -129,20 +158,85 @@ def compose(recipe: Recipe, until: str, runner) -> dict:
     # The teacher first, so the student's version can point at it (lineage by checkpoint digest).
     refs["teacher_version"] = runner.run(register_stage, RegistrationSpec(model_name=f"{name}-teacher", **how),
                                          {"model": refs["teacher"], "data": refs["data"]})
-    refs["student_version"] = runner.run(register_stage, RegistrationSpec(model_name=name, **how),
-                                         {"model": refs["distilled"], "data": refs["data"],
-                                          "evaluation": refs["evaluation"]})
+    if "distilled" in refs:
+        refs["student_version"] = runner.run(register_stage, RegistrationSpec(model_name=name, **how),
+                                             {"model": refs["distilled"], "data": refs["data"],
+                                              "evaluation": refs["evaluation"]})
+    if "aligned" in refs:
+        # Named after the version it was aligned from (its parent) and the synthetic data's digest.
+        base = {STUDENT: "student_version", TEACHER: "teacher_version"}.get(recipe.align.model)
+        inputs = {"model": refs["aligned"], "data": refs["alignment_data"], "evaluation": refs["evaluation"]}
+        if base is not None:
+            inputs["parent"] = refs[base]
+        elif recipe.align.model.startswith("models:/"):
+            from registry.models import version_ref
+
+            inputs["parent"] = version_ref(recipe.align.model)
+        # A new version of the registered model it was aligned from; of ``<name>-aligned`` for a folder.
+        model_name = {STUDENT: name, TEACHER: f"{name}-teacher"}.get(
+            recipe.align.model, inputs["parent"].name if "parent" in inputs else f"{name}-aligned")
+        refs["aligned_version"] = runner.run(register_stage, RegistrationSpec(model_name=model_name, **how), inputs)
     return refs
 
 
-def sdg_inputs(recipe: Recipe, runner) -> dict:
-    """The checkpoints the recipe's sdg section names: ``teacher`` (pretrained by the recipe, or
-    its start_from: from cache when done), ``models:/`` and ``s3://`` URIs, resolved to refs."""
+def align(recipe: Recipe, runner, refs: dict) -> dict:
+    """The align steps (``sft``, then ``preference``) on the model ``recipe.align.model`` names,
+    each on its data: this recipe's SDG output (run now, or from cache) or a given dataset.
+    Returns the SDG ref (when it ran), each step's model (``sft``, ``preference``), ``aligned`` and
+    ``alignment_data``: the synthetic data where a step used it, else the last step's data."""
+    spec = recipe.align
+    out = {}
+    if spec.model == STUDENT:
+        model = refs["distilled"]
+    elif spec.model == TEACHER:
+        model = refs["teacher"]
+    else:
+        from model.architectures import external_model_ref
+
+        model = external_model_ref(resolve_start_from(spec.model, runner.store))
+    for name, step in spec.steps():
+        if step.data == SDG:
+            if "sdg" not in out:
+                out["sdg"] = runner.run(sdg_stage, recipe.sdg, sdg_inputs(recipe, runner, refs["teacher"]))
+            data = out["sdg"]
+        else:
+            data = dataset_ref(step.data, runner.store)
+        model = out[name] = runner.run(ALIGN_STAGES[name], step, {"model": model, "data": data})
+    out["alignment_data"] = out.get("sdg") or data  # what the registered version names as its data
+    out["aligned"] = model
+    return out
+
+
+def reward_model(recipe: Recipe, runner):
+    """The recipe's reward model: a head trained on ``reward_model.base`` (the teacher, the
+    distilled student or a given checkpoint) over ``reward_model.data``."""
+    spec = recipe.reward_model
+    if spec is None:
+        raise ValueError(f"recipe {recipe.name} has no reward_model section")
+    refs = {}
+    if spec.base in (STUDENT, TEACHER) or spec.data == SDG:
+        refs = compose(recipe, "distill" if spec.base == STUDENT else "pretrain", runner)
+    if spec.base in (STUDENT, TEACHER):
+        base = refs["distilled" if spec.base == STUDENT else "teacher"]
+    else:
+        from model.architectures import external_model_ref
+
+        base = external_model_ref(resolve_start_from(spec.base, runner.store))
+    if spec.data == SDG:
+        data = runner.run(sdg_stage, recipe.sdg, sdg_inputs(recipe, runner, refs["teacher"]))
+    else:
+        data = dataset_ref(spec.data, runner.store)
+    return runner.run(reward_stage, spec, {"base": base, "data": data})
+
+
+def sdg_inputs(recipe: Recipe, runner, teacher=None) -> dict:
+    """The checkpoints the recipe's sdg section names: ``teacher`` (``teacher``, else pretrained by
+    the recipe, or its start_from: from cache when done), ``models:/`` and ``s3://`` URIs, resolved to refs."""
     from sdg.spec import TEACHER
 
     if recipe.sdg is None:
         raise ValueError(f"recipe {recipe.name} has no sdg section")
-    inputs, teacher = {}, None
+    inputs = {}
     for name, uri in recipe.sdg.checkpoints().items():
         if uri == TEACHER:
             teacher = teacher or compose(recipe, "pretrain", runner)["teacher"]

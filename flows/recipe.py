@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from alignment.spec import SDG, STUDENT, TEACHER, AlignSpec, RewardSpec
 from compression.prune import COMPRESSIBLE_FAMILIES
 from compression.spec import CompressSpec, DistillSpec
 from evaluation.spec import EvaluateSpec
@@ -75,6 +76,17 @@ class Recipe(BaseModel):
     sdg: SDGSpec | None = Field(
         None, description="Synthetic data generation (`factory sdg`, sdg/spec.py); null: none.",
     )
+    align: AlignSpec | None = Field(
+        None,
+        description="SFT then preference optimisation (DPO) of the distilled student (or the teacher, or a given "
+                    "checkpoint) on the synthetic data, with TRL; the aligned model is evaluated and registered as "
+                    "a new version (`factory align`, alignment/spec.py). Null: none.",
+    )
+    reward_model: RewardSpec | None = Field(
+        None,
+        description="A reward head trained on a base checkpoint (`factory reward`): the reward model the sdg "
+                    "scorer reads. Null: none.",
+    )
 
     @field_validator("start_from")
     @classmethod
@@ -92,6 +104,27 @@ class Recipe(BaseModel):
         if self.compress is not None and not self.start_from and self.model.family not in COMPRESSIBLE_FAMILIES:
             raise FieldErrors({"compress": f"pruning supports {sorted(COMPRESSIBLE_FAMILIES)}; a {self.model.family} "
                                            "model can be pretrained, evaluated and registered, not compressed yet"})
+        return self
+
+    @model_validator(mode="after")
+    def _alignment_has_its_inputs(self):
+        problems = {}
+        sections = [("align", self.align.model, [(f"align.{n}.data", s.data) for n, s in self.align.steps()])
+                    if self.align else None,
+                    ("reward_model", self.reward_model.base, [("reward_model.data", self.reward_model.data)])
+                    if self.reward_model else None]
+        for section, model, data in filter(None, sections):
+            field = "model" if section == "align" else "base"
+            if model == STUDENT and self.distill is None:
+                problems[f"{section}.{field}"] = f"{STUDENT!r} is the distilled student, and the recipe has no distill section"
+            if model in (STUDENT, TEACHER) and not self.start_from and self.model.family == "hymba" and section == "align":
+                problems[f"{section}.{field}"] = ("TRL's trainers pad batches, which a hymba model's forward does not "
+                                                  "take: the align stages support nemotron_h models")
+            for path, value in data:
+                if value == SDG and self.sdg is None:
+                    problems[path] = f"{SDG!r} is this recipe's synthetic data, and the recipe has no sdg section"
+        if problems:
+            raise FieldErrors(problems)
         return self
 
     def pretrain_spec(self) -> PretrainSpec:
@@ -214,6 +247,11 @@ def summary(recipe: Recipe) -> str:
                      f"{d.steps * d.batch_size * recipe.data.seq_len:,} tokens, T={recipe.distill.temperature}")
     if recipe.sdg is not None:
         lines.append(f"  sdg  {recipe.sdg.describe()}")
+    if recipe.align is not None:
+        lines.append(f"  align  {recipe.align.describe()}")
+    if recipe.reward_model is not None:
+        r = recipe.reward_model
+        lines.append(f"  reward_model  {r.objective} head on {r.base}, {r.steps} steps on {r.data}")
     return "\n".join(lines)
 
 

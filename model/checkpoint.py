@@ -14,6 +14,10 @@ One folder per save, ``step_00000100/``, holding
     rng.pt               torch CPU (and CUDA) RNG states
     trainer_state.json   step, data position, tokens seen, metric history
     COMPLETE             written last: every file's size and sha256
+  or, for a loop run by transformers' ``Trainer`` (the align stages, through TRL):
+    hf_trainer/          the ``checkpoint-N`` folder the Trainer saved, as it saved it
+    trainer_state.json   {"step": N, "format": "hf_trainer"}
+    COMPLETE             as above
 
 ``optimizer.pt`` and ``rng.pt`` hold tensors, numbers and strings only and are read back with
 ``torch.load(weights_only=True)``; nothing in a checkpoint is unpickled. A sharded checkpoint
@@ -53,6 +57,7 @@ SHARDED_DIR = "sharded"
 RNG_FILE = "rng.pt"
 STATE_FILE = "trainer_state.json"
 MARKER_FILE = "COMPLETE"
+TRAINER_DIR = "hf_trainer"
 _PREFIX = "step_"
 _MODEL_KEY, _OPTIMIZER_KEY = "model.", "optimizer."  # prefixes of the sharded files' tensor names
 
@@ -66,6 +71,11 @@ class Checkpoint:
     @property
     def sharded(self) -> bool:
         return (self.path / SHARDED_DIR).is_dir()
+
+    @property
+    def trainer_folder(self) -> Path | None:
+        """The Trainer's own checkpoint folder (``resume_from_checkpoint``), for a sealed Trainer save."""
+        return self.path / TRAINER_DIR if (self.path / TRAINER_DIR).is_dir() else None
 
 
 def _distributed() -> bool:
@@ -120,6 +130,29 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer, sc
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old)
     _barrier()
+    return final
+
+
+def seal_trainer_checkpoint(saved: Path, root: Path, step: int, keep: int) -> Path:
+    """Make the folder transformers' ``Trainer`` just saved (``checkpoint-N``: weights, optimizer,
+    scheduler, RNG and its own trainer state) step ``step``'s checkpoint under ``root``: moved
+    (not copied) into ``hf_trainer/`` of a new step folder, sealed with the marker, so that
+    ``find_latest``, the store's mirror and a resume on another machine treat it like any other.
+    Rank 0 calls it once every process finished saving (``alignment/align.py``)."""
+    final = step_folder(root, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    Path(saved).rename(tmp / TRAINER_DIR)
+    (tmp / STATE_FILE).write_text(json.dumps({"step": step, "format": TRAINER_DIR}))
+    files = _hash_files(tmp, shared=False)
+    for folder in {tmp, *(p.parent for p in tmp.rglob("*") if p.is_file())}:
+        fsync_dir(folder)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    atomic_write_text(final / MARKER_FILE, json.dumps(files, indent=1))
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old)
     return final
 
 
@@ -182,7 +215,11 @@ def checkpoint_problem(path: Path) -> str | None:
     except json.JSONDecodeError:
         return "unreadable COMPLETE marker"
     sharded = any(name.startswith(f"{SHARDED_DIR}/") for name in files)
-    for name in (OPTIMIZER_FILE, RNG_FILE, STATE_FILE) + (() if sharded else (MODEL_FILE,)):
+    if any(name.startswith(f"{TRAINER_DIR}/") for name in files):
+        required = (STATE_FILE, f"{TRAINER_DIR}/trainer_state.json")
+    else:
+        required = (OPTIMIZER_FILE, RNG_FILE, STATE_FILE) + (() if sharded else (MODEL_FILE,))
+    for name in required:
         if name not in files:
             return f"{name} missing from the marker"
     for name, info in files.items():

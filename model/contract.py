@@ -186,7 +186,7 @@ class StageContext:
 # --------------------------------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_PACKAGES = ("model", "compression", "evaluation", "sdg", "registry", "store")
+PROJECT_PACKAGES = ("model", "compression", "evaluation", "sdg", "alignment", "registry", "store")
 
 
 def _source_file(module: str) -> Path | None:

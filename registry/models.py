@@ -42,7 +42,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from model.contract import DataRef, ModelRef
+from model.contract import EXTERNAL, DataRef, ModelRef, local_folder
 from model.digests import MANIFEST_NAME, combine_digests, folder_files
 from model.fsutil import atomic_write_text
 from registry.secrets import scrub_text
@@ -104,7 +104,10 @@ def register_checkpoint(ref: ModelRef, store, model_name: str, *, run_id: str | 
     ``ref.lineage.parents`` that is a registered checkpoint. ``gate_passed`` (when given) is
     passed to set_gate_result.
     """
-    if not store.verify(ref.uri, ref.digest):
+    if ref.lineage.stage == EXTERNAL:  # a recipe's start_from: a folder as it is, hashed when the run resolved it
+        if not (Path(ref.uri) / "config.json").is_file():
+            raise FileNotFoundError(f"{scrub_text(ref.uri)}: the checkpoint folder is gone (no config.json)")
+    elif not store.verify(ref.uri, ref.digest):
         raise ValueError(f"{scrub_text(ref.uri)} is not a whole published checkpoint with digest {ref.digest[:12]}; "
                          "publish it (store.publish) before registering")
     c = client()
@@ -174,7 +177,7 @@ def checkpoint_model(ref: ModelRef, store, run_id: str, *, with_metrics: bool = 
     found = _logged_model_with_digest(c, experiment_id, ref.digest)
     if found is not None:
         return found.model_id, False
-    model_id = _log_checkpoint(c, store.fetch(ref.uri), run_id, experiment_id, ref.digest)
+    model_id = _log_checkpoint(c, local_folder(store, ref), run_id, experiment_id, ref.digest)
     if with_metrics:
         log_metrics(run_id, checkpoint_metrics(ref), model_id=model_id)
     return model_id, True
@@ -441,6 +444,12 @@ def get_version(uri: str):
                           f"({e.error_code}); registered models: {', '.join(known) or 'none'}") from None
 
 
+def version_ref(uri: str) -> ModelVersionRef:
+    """The registered version ``uri`` (NAME@ALIAS or NAME/VERSION) points at, as the flow passes it on."""
+    mv = get_version(uri)
+    return _version_ref(client(), mv.name, mv.version, created=False)
+
+
 def resolve_checkpoint(uri: str, store=None) -> Path:
     """A local checkpoint folder for ``uri``: a folder as is, ``s3://...`` fetched through the
     store, ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` downloaded from the registry
@@ -514,6 +523,7 @@ def list_models(name: str | None = None) -> list[dict]:
                 "stage": tags.get("stage", ""), "parameters": tags.get("parameters", ""),
                 "tokens_seen": tags.get("tokens_seen", ""), "eval_status": tags.get("eval_status", ""),
                 "parent": f"{tags['parent_model']}/{tags['parent_version']}" if tags.get("parent_model") else "",
-                "digest": tags.get(DIGEST_TAG, ""), "git_commit": tags.get("git_commit", ""),
+                "digest": tags.get(DIGEST_TAG, ""), "data_digest": tags.get("data_digest", ""),
+                "git_commit": tags.get("git_commit", ""),
             })
     return rows

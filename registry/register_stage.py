@@ -1,12 +1,14 @@
 """The register stage: a published checkpoint becomes a version in the MLflow model registry.
 
-    run(RegistrationSpec, {"model": ModelRef, "data": DataRef, "evaluation": Evaluation (optional)},
-        store, context) -> ModelVersionRef
+    run(RegistrationSpec, {"model": ModelRef, "data": DataRef | ArtifactRef, "evaluation": Evaluation (optional),
+                           "parent": ModelVersionRef (optional)}, store, context) -> ModelVersionRef
 
 The version is made from the checkpoint's logged model, which the run of the stage that
 trained it logged (``pretrain``, ``distill``), so its source run is that run; a checkpoint no
 run logged yet (a recipe's ``start_from``) is logged into this stage's run. The version carries
-its lineage as tags (``registry/models.py``) and gets ``@candidate``; with an evaluation among
+its lineage as tags (``registry/models.py``: the data's digest, which for an aligned model is the
+synthetic data's, and its parent version: ``parent``, else the registered checkpoint it was made
+from) and gets ``@candidate``; with an evaluation among
 the inputs, the model's gate is recorded on it and ``@champion`` moves to
 it only when the gate passed. Never cached (``key`` is None): the registry is its own record,
 and registration is idempotent on the checkpoint digest, so running it again after a crash
@@ -42,10 +44,12 @@ def run(spec: RegistrationSpec, inputs: dict, store: ArtifactStore, context: Sta
 
     ref = inputs["model"]
     evaluation = inputs.get("evaluation")
+    parent = inputs.get("parent")
     tracking.configure_tracking()
     version = models.register_checkpoint(ref, store, spec.model_name, run_id=context.parent_run,
                                          experiment=spec.experiment, recipe_digest=context.recipe_digest,
                                          data_digest=inputs["data"].digest if inputs.get("data") else "",
+                                         parent=(parent.name, parent.version) if parent is not None else None,
                                          key_metrics=spec.key_metrics)
     gate = evaluation.gate_of(ref.digest) if evaluation is not None else None
     if gate is not None:

@@ -15,6 +15,9 @@ import pytest
 from pydantic import BaseModel
 
 import model.contract
+from alignment import preference_stage, reward_stage, sft_stage
+from alignment.align_stage import dataset_ref
+from alignment.spec import PreferenceSpec, RewardSpec, SFTSpec
 from compression import distill_stage, importance_stage, prune_stage, search_stage
 from compression.prune_stage import PruneSpec
 from compression.spec import Budget, DistillSpec, ImportanceSpec, SearchSpace, SearchSpec
@@ -33,6 +36,7 @@ from store.local import LocalStore
 
 from . import toy_stage
 from .conftest import REPO, recipe_dict
+from .test_align import write_alignment_data
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -139,6 +143,15 @@ def every_stage(corpus_dir, tmp_path_factory):
         "generator": {"model": "teacher", "max_new_tokens": 8, "temperature": 1.0, "batch_size": 4},
         "open_qa": {"topics": ["rivers", "prime numbers"], "subtopics_per_topic": 1, "questions_per_topic": 1},
         "responses": {"per_prompt": 2}}), {"generator": teacher})
+    sft_data, preference_data = write_alignment_data(tmp_path_factory.mktemp("alignment-data"), rows=8)
+    tiny_loop = TrainSpec(steps=2, batch_size=4, micro_batch_size=2, lr=1e-3, warmup_steps=0, checkpoint_every=1)
+    sft = call(sft_stage, SFTSpec(data=str(sft_data), max_length=32, train=tiny_loop),
+               {"model": distilled, "data": dataset_ref(str(sft_data), store)})
+    preference_data_ref = dataset_ref(str(preference_data), store)
+    call(preference_stage, PreferenceSpec(data=str(preference_data), max_length=32, train=tiny_loop),
+         {"model": sft, "data": preference_data_ref})
+    call(reward_stage, RewardSpec(data=str(preference_data), steps=4, held_out_fraction=0.25),
+         {"base": teacher, "data": preference_data_ref})
     return store, context, calls
 
 
