@@ -30,7 +30,7 @@ def verify(prompt: dict, response: str, spec: VerifySpec) -> dict | None:
         return {"passed": all(checks.values()), "by": "verifier", "checks": checks}
     if prompt["kind"] == "code":
         result = verify_code(response, prompt.get("tests", ""), timeout_s=spec.code_timeout_s,
-                             memory_mb=spec.code_memory_mb, network_namespace=spec.network_namespace)
+                             memory_mb=spec.code_memory_mb, sandbox=spec.sandbox)
         error = result.stderr.strip().splitlines()[-1:] if not result.passed else []
         return {"passed": result.passed, "by": "ground_truth" if prompt.get("tests") else "verifier",
                 "timed_out": result.timed_out, "error": error[0][:200] if error else ""}

@@ -98,6 +98,10 @@ def run(spec: SDGSpec, inputs: dict, store: ArtifactStore, context: StageContext
     ids = identities(spec, inputs)
 
     def generate(work: Path) -> Output:
+        if spec.code is not None:  # before anything is generated: code problems need the sandbox here
+            from sdg.verifiers import require_sandbox
+
+            require_sandbox(spec.verify.sandbox)
         from sdg.output import write_datasets
         from sdg.pipeline import (
             Run,

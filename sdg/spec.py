@@ -394,8 +394,9 @@ class DedupSpec(Section):
 
 
 class VerifySpec(Section):
-    """The code sandbox: a subprocess with CPU time, wall time, memory and file-size limits
-    and no network (an audit hook, plus a network namespace when ``unshare`` works)."""
+    """The code sandbox (``sdg/verifiers.py``): model-written code runs under bubblewrap, with
+    seccomp, CPU time, wall time, memory and file-size limits, seeing none of this machine's
+    files but the interpreter's, no network and no environment."""
 
     code_timeout_s: PositiveFloat = Field(
         5.0,
@@ -403,11 +404,29 @@ class VerifySpec(Section):
                     "same, rounded up).",
     )
     code_memory_mb: PositiveInt = Field(512, description="Address-space limit of the sandboxed process, in MiB.")
-    network_namespace: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="`auto`: run in a network namespace of its own when `unshare -rn` works here; `on`: require "
-                    "it (an error where it does not work); `off`: rely on the audit hook alone.",
+    sandbox: Literal["bubblewrap", "weak"] = Field(
+        "bubblewrap",
+        description="`bubblewrap`: the code runs under `bwrap` (namespaces of its own: no network, no other "
+                    "process; read-only the interpreter and its shared libraries only, a private tmpfs as the "
+                    "only writable folder) and a seccomp filter (no exec, fork, socket, ptrace, mount); an `sdg` "
+                    "run with code problems fails before generating anything where bwrap is missing or does not "
+                    "work (`apt-get install bubblewrap`; unprivileged user namespaces). `weak`: a plain `python -I` "
+                    "subprocess with the same limits and an empty environment, which gives up the filesystem "
+                    "isolation (the code can read and write every file this user can: keys, the artifact store, "
+                    "the recipe's records), seccomp (native code through ctypes can exec programs, fork and call "
+                    "any system call) and the process isolation; only an audit hook stops Python-level sockets, "
+                    "subprocesses and `os.system`, and the network is cut only where `unshare -rn` works (else "
+                    "ctypes, and packages that need it, are refused). For trusted code on a machine without "
+                    "bubblewrap.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "network_namespace" in data:
+            raise ValueError("verify.network_namespace is gone: code now runs under bubblewrap with no network; "
+                             "use `sandbox: bubblewrap` (the default) or `sandbox: weak`")
+        return data
 
 
 class SDGSpec(Section):
