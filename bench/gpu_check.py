@@ -42,17 +42,39 @@ sys.path.insert(0, str(REPO))
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; fp8 is twice these.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
 
+# fused_path's model: the 8B pattern at narrow widths, 2 x 512 tokens (4 of the Mamba scan's 128-token chunks).
+FUSED = dict(overrides=dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, mamba_num_heads=16,
+                            ssm_state_size=64, vocab_size=4096), batch=2, tokens=512)
+# The dry run's layers: the 8B pattern's first 9 (Mamba-2, FFN and attention blocks: every kind of layer the 8B
+# has; the code does not change with depth). Its 52 made the CPU rehearsal take minutes: layer KL runs the model
+# once per layer (52 x 52 blocks, 285 s of the dry run on a busy machine), and every other step runs all 52.
+DRY_PATTERN = "M-M-M-M*-"
+
+# The dry run measures nothing, so it runs torch on one intra-op thread (and so do the stage tests' processes),
+# as tests/conftest.py's one_torch_thread does: on a CPU whose cores other processes keep busy, OpenMP threads
+# waiting for each other made small ops 10-20x slower (bf16 depthwise convolution's backward, one channel at a
+# time: 0.025 s on one thread, 0.35-0.55 s on two, per Mamba layer at the dry widths).
+DRY_RUN_THREADS = 1
+
 SHAPES = {
     # The published 8B teacher and the paper's 4B target.
     "real": dict(teacher_overrides={}, target=dict(hidden_size=3072, intermediate_size=12288, mamba_num_heads=112),
                  seq_len=8192, calibration_rows=4, kd_steps=3, train_steps=3, contexts=[8192, 65536],
-                 batches=[1, 8], decode_tokens=32),
-    # The 8B layer pattern, vocabulary, head dims and groups with narrow widths: the dry run on a CPU.
-    "dry": dict(teacher_overrides=dict(hidden_size=256, intermediate_size=512, num_attention_heads=8,
-                                       mamba_num_heads=16, ssm_state_size=16),
+                 batches=[1, 8], decode_tokens=32, fused=FUSED),
+    # The dry run on a CPU: the 8B's head dims and groups with narrow widths, DRY_PATTERN's depth and a 4,096-token
+    # vocabulary. Not the 8B's 131,072: bf16 matmuls are emulated on a CPU without bf16 units, and the output
+    # head's backward alone, (128 x 131,072) @ (131,072 x 192), took 15 s per step here (0.09 s in float32); the
+    # uint32 token shards such a vocabulary needs are tests/test_data.py's. A 32-token Mamba chunk makes the
+    # 128-token sequences 4 chunks, so the scan passes state between chunks as at 8K tokens (a 128-token chunk
+    # would be the whole sequence).
+    "dry": dict(teacher_overrides=dict(pattern=DRY_PATTERN, hidden_size=256, intermediate_size=512,
+                                       num_attention_heads=8, mamba_num_heads=16, ssm_state_size=16, chunk_size=32,
+                                       vocab_size=4096),
                 target=dict(hidden_size=192, intermediate_size=384, mamba_num_heads=8),
-                seq_len=128, calibration_rows=2, kd_steps=2, train_steps=2, contexts=[128], batches=[1, 2],
-                decode_tokens=4),
+                seq_len=128, calibration_rows=2, kd_steps=2, train_steps=1, contexts=[128], batches=[1, 2],
+                decode_tokens=4,
+                fused=dict(overrides=FUSED["overrides"] | dict(pattern=DRY_PATTERN, chunk_size=32), batch=2,
+                           tokens=96)),
 }
 
 
@@ -121,7 +143,7 @@ def environment(check: Check, device: torch.device) -> dict:
     return info
 
 
-def fused_path(check: Check, device: torch.device) -> dict:
+def fused_path(check: Check, device: torch.device, dry_run: bool) -> dict:
     """Logits on ``device`` in bf16 against the float32 PyTorch path on the CPU (same random weights)."""
     import logging
 
@@ -133,10 +155,11 @@ def fused_path(check: Check, device: torch.device) -> dict:
     handler.emit = lambda record: messages.append(record.getMessage())
     logging.getLogger("transformers").addHandler(handler)
     torch.manual_seed(0)
-    config = build_config("nemotron-h-8b", dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8,
-                                                mamba_num_heads=16, ssm_state_size=64, vocab_size=4096))
+    shape = SHAPES["dry" if dry_run else "real"]["fused"]
+    config = build_config("nemotron-h-8b", shape["overrides"])
     reference = NemotronHForCausalLM(config).eval()
-    ids = torch.randint(3, config.vocab_size, (2, 512), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, config.vocab_size, (shape["batch"], shape["tokens"]),
+                        generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = reference(input_ids=ids).logits.float()
         fused = reference.to(device, torch.bfloat16)(input_ids=ids.to(device)).logits.float().cpu()
@@ -153,20 +176,50 @@ def fused_path(check: Check, device: torch.device) -> dict:
     return result
 
 
-def stage_tests(check: Check, device: torch.device, dry_run: bool) -> dict:
-    """``pytest -m gpu`` in a child process (on the CPU in a dry run)."""
-    if check.time_left() < 120:
-        raise Skip("less than 120 s left")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    if dry_run:
-        env["FACTORY_GPU_TESTS_ON_CPU"] = "1"
-    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_gpu.py"]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=max(60, check.time_left() - 60))
-    summary = (done.stdout.strip().splitlines() or [""])[-1]
-    if done.returncode != 0:
-        raise AssertionError(f"pytest -m gpu: {summary}\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}")
-    return {"summary": summary}
+class StageTests:
+    """``pytest -m gpu`` (tests/test_gpu.py) in a child process, started here, its output in files."""
+
+    def __init__(self, dry_run: bool):
+        import tempfile
+
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        if dry_run:
+            env |= {"FACTORY_GPU_TESTS_ON_CPU": "1", "OMP_NUM_THREADS": str(DRY_RUN_THREADS)}  # its workers inherit it
+        command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_gpu.py"]
+        self.stdout, self.stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self.stdout, stderr=self.stderr, text=True)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def result(self, timeout: float) -> dict:
+        try:
+            self.process.wait(timeout=timeout)
+        finally:
+            self.stop()
+        outputs = []
+        for file in (self.stdout, self.stderr):
+            file.seek(0)
+            outputs.append(file.read())
+            file.close()
+        stdout, stderr = outputs
+        summary = (stdout.strip().splitlines() or [""])[-1]
+        if self.process.returncode != 0:
+            raise AssertionError(f"pytest -m gpu: {summary}\n{stdout[-4000:]}\n{stderr[-2000:]}")
+        return {"summary": summary, "process_s": round(time.monotonic() - self.started, 1)}  # since it started
+
+
+def stage_tests(check: Check, device: torch.device, dry_run: bool, started: StageTests | None = None) -> dict:
+    """``pytest -m gpu`` in a child process (on the CPU in a dry run, where main started it before the
+    other checks: ``started``)."""
+    if started is None:
+        if check.time_left() < 120:
+            raise Skip("less than 120 s left")
+        started = StageTests(dry_run)
+    return started.result(timeout=max(60, check.time_left() - 60))
 
 
 # --------------------------------------------------------------------------------------
@@ -200,10 +253,10 @@ def _attention_only_like(student_config, parameters: int):
     return build_config("nemotron-h-8b", fields | {"pattern": "*-" * pairs})
 
 
-def _train_throughput(model, loss_fn, data, shape: dict, precision: str, device: torch.device,
+def _train_throughput(model, loss_fn, data, shape: dict, steps: int, precision: str, device: torch.device,
                       peak_flops: float | None) -> dict:
-    """Optimizer steps of ``loss_fn`` at micro batch 1: tokens/s, MFU (6 x parameters x tokens/s over
-    the dense peak), peak memory and the losses."""
+    """``steps`` timed optimizer steps of ``loss_fn`` at micro batch 1, after an untimed first one:
+    tokens/s, MFU (6 x parameters x tokens/s over the dense peak), peak memory and the losses."""
     from model.device import autocast
     from model.train import _float8
 
@@ -215,7 +268,7 @@ def _train_throughput(model, loss_fn, data, shape: dict, precision: str, device:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, losses = [], []
-    for step in range(shape["train_steps"] + 1):  # the first step compiles and allocates: not timed
+    for step in range(steps + 1):  # the first step compiles and allocates: not timed
         input_ids, valid = data.batch([step % len(data)])
         input_ids, target_mask = input_ids.to(device), valid[:, 1:].to(device)
         _sync(device)
@@ -255,7 +308,8 @@ def scale(check: Check, device: torch.device, dry_run: bool, work: Path) -> dict
     result = check.results["checks"]["scale"]  # filled as it goes: a run cut short keeps what it measured
     config = build_config("nemotron-h-8b", shape["teacher_overrides"])
     data = PackedTokens(_random_tokens(work / "tokens", config.vocab_size, shape["seq_len"],
-                                       shape["calibration_rows"] + shape["train_steps"] + 1), "train")
+                                       shape["calibration_rows"] + max(shape["kd_steps"], shape["train_steps"]) + 1),
+                        "train")
 
     started = time.monotonic()
     with torch.device(device):
@@ -305,7 +359,8 @@ def scale(check: Check, device: torch.device, dry_run: bool, work: Path) -> dict
         raise Skip("no time left for the KD steps and training throughput (importance, pruning and decode ran)")
     student_config = student.config
     student_state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
-    kd = _train_throughput(student, make_kd_loss(teacher, DistillSpec()), data, shape, "bf16", device, None)
+    kd = _train_throughput(student, make_kd_loss(teacher, DistillSpec()), data, shape, shape["kd_steps"], "bf16",
+                           device, None)
     result["kd_steps"] = kd
     del student, teacher
     if device.type == "cuda":
@@ -327,7 +382,8 @@ def scale(check: Check, device: torch.device, dry_run: bool, work: Path) -> dict
         with torch.device("meta"):
             fresh = NemotronHForCausalLM(student_config)
         fresh.load_state_dict(student_state, assign=True)
-        training.append(_train_throughput(fresh, lm_loss, data, shape, precision, device, peak))
+        training.append(_train_throughput(fresh, lm_loss, data, shape, shape["train_steps"], precision, device,
+                                          peak))
         del fresh
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -372,19 +428,32 @@ def main() -> int:
               "with `python bench/gpu_check.py --dry-run`.", file=sys.stderr)
         return 2
     device = torch.device("cuda" if not args.dry_run else "cpu")
+    if args.dry_run:
+        torch.set_num_threads(DRY_RUN_THREADS)
     out = args.out or REPO / "bench" / "results" / ("gpu_check-dry.json" if args.dry_run else "gpu_check.json")
     check = Check(out, args.budget_s)
     check.results["dry_run"] = args.dry_run
-    check.run("environment", lambda c: {"info": environment(c, device)})
-    if "fused_path" not in args.skip:
-        check.run("fused_path", fused_path, device)
-    if "stage_tests" not in args.skip:
-        check.run("stage_tests", stage_tests, device, args.dry_run)
-    if "scale" not in args.skip:
-        import tempfile
+    # On the GPU the checks run one after another: they share the GPU, and the scale check's timings must not
+    # share it. On the CPU the stage tests' processes (a pytest and its training workers, ~9 s of imports each
+    # here) start first and run beside the other checks, each process on one thread, and their check waits for
+    # them last: the dry run takes about as long as its longest part, not the sum of its parts.
+    early = StageTests(args.dry_run) if args.dry_run and "stage_tests" not in args.skip else None
+    try:
+        check.run("environment", lambda c: {"info": environment(c, device)})
+        if "fused_path" not in args.skip:
+            check.run("fused_path", fused_path, device, args.dry_run)
+        if "stage_tests" not in args.skip and early is None:
+            check.run("stage_tests", stage_tests, device, args.dry_run)
+        if "scale" not in args.skip:
+            import tempfile
 
-        with tempfile.TemporaryDirectory() as work:
-            check.run("scale", scale, device, args.dry_run, Path(work))
+            with tempfile.TemporaryDirectory() as work:
+                check.run("scale", scale, device, args.dry_run, Path(work))
+        if early is not None:
+            check.run("stage_tests", stage_tests, device, args.dry_run, early)
+    finally:
+        if early is not None:
+            early.stop()
     print(table(check.results))
     print(f"\nwritten: {out}")
     return 1 if any(r["status"] == "failed" for r in check.results["checks"].values()) else 0

@@ -103,21 +103,37 @@ def test_a_killed_training_process_resumes_to_the_same_weights(micro_data, tmp_p
     first checkpoint and started again, ends with the weights of an uninterrupted run."""
     data_dir, tokenizer_dir = Path(micro_data.uri), Path(micro_data.tokenizer_uri)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-
     straight = _pretrain_launch(tmp_path / "straight", data_dir, tokenizer_dir)
-    subprocess.run([sys.executable, "-m", "model.pretrain_stage", str(straight)], cwd=REPO, env=env, check=True)
-
     killed = _pretrain_launch(tmp_path / "killed", data_dir, tokenizer_dir)
-    child = subprocess.Popen([sys.executable, "-m", "model.pretrain_stage", str(killed)], cwd=REPO, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (killed.parent / "checkpoints" / "step_00000004" / MARKER_FILE).exists():
-        assert child.poll() is None and time.monotonic() < deadline, "the worker ended before its first checkpoint"
-        time.sleep(0.01)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert not (killed.parent / "model").exists(), "the run finished before the kill; the test proves nothing"
-    subprocess.run([sys.executable, "-m", "model.pretrain_stage", str(killed)], cwd=REPO, env=env, check=True)
+    worker = lambda launch: [sys.executable, "-m", "model.pretrain_stage", str(launch)]
+
+    # On a CPU the uninterrupted run goes beside the one to kill (own folders, same seed, one thread each), as
+    # most of a worker's time there is its start (~9 s of imports). On a GPU it runs first, alone: mamba-ssm's
+    # Triton kernels autotune by timing, and a GPU shared with the other worker could tune (and so round) the
+    # two runs differently.
+    if DEVICE == "cpu":
+        env["OMP_NUM_THREADS"] = "1"  # or two processes' OpenMP threads wait on each other's cores
+    uninterrupted = subprocess.Popen(worker(straight), cwd=REPO, env=env)
+    child = None
+    try:
+        if DEVICE != "cpu":
+            assert uninterrupted.wait() == 0, "the uninterrupted run failed"
+        child = subprocess.Popen(worker(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while not (killed.parent / "checkpoints" / "step_00000004" / MARKER_FILE).exists():
+            assert child.poll() is None and time.monotonic() < deadline, "the worker ended before its first checkpoint"
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        assert not (killed.parent / "model").exists(), "the run finished before the kill; the test proves nothing"
+        subprocess.run(worker(killed), cwd=REPO, env=env, check=True)
+        assert uninterrupted.wait(timeout=300) == 0, "the uninterrupted run failed"
+    finally:
+        for process in (child, uninterrupted):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
 
     a = load_file(str(straight.parent / "model" / "model.safetensors"))
     b = load_file(str(killed.parent / "model" / "model.safetensors"))
