@@ -26,6 +26,7 @@ prompt-completion and preference formats, rendered with the model's chat templat
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -153,7 +154,7 @@ class ForwardRecords(TrainerCallback):
             return control  # the run's closing summary (train_loss, total_flos) is not a step
         record = {"step": state.global_step}
         for name, value in logs.items():
-            if isinstance(value, (int, float)) and not name.endswith(("_runtime", "_per_second", "epoch")):
+            if _numeric(name, value):
                 record[self.RENAMED.get(name, name)] = float(value)
         for callback in self.callbacks:
             callback(record)
@@ -180,6 +181,12 @@ def _run(trainer_class, config_class, model_dir: Path, train_examples: list[dict
                          "TRL's trainers pad, so the align stages support nemotron_h models only")
     if not train_examples:
         raise ValueError("align: no training rows (all held out, or the data are empty)")
+    if len(train_examples) < train.batch_size:
+        warnings.warn(f"align: {len(train_examples)} training rows, fewer than one batch ({train.batch_size}): every "
+                      f"step sees the same rows; {train.steps} steps will overfit them", stacklevel=2)
+    if not held_out:
+        warnings.warn("align: no held-out rows (too few rows for held_out_fraction): no before/after measurement",
+                      stacklevel=2)
     train = train.model_copy(update={"device": DevicePolicy().choose(train.device, "align train.device")})
     work_dir = Path(work_dir)
     model, tokenizer = load_pretrained(model_dir, dtype=torch.float32)  # master weights; bf16 is autocast
@@ -217,8 +224,12 @@ def _run(trainer_class, config_class, model_dir: Path, train_examples: list[dict
     return metrics
 
 
+# Trainer bookkeeping, not measurements of the model.
+_NOT_METRICS = ("_runtime", "_per_second", "epoch", "model_preparation_time", "num_tokens")
+
+
 def _numeric(name: str, value) -> bool:
-    return isinstance(value, (int, float)) and not name.endswith(("_runtime", "_per_second", "epoch"))
+    return isinstance(value, (int, float)) and not name.endswith(_NOT_METRICS)
 
 
 def _held_out_metrics(trainer, when: str) -> dict[str, float]:
