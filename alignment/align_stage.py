@@ -58,10 +58,6 @@ def dataset_ref(uri: str, store: ArtifactStore) -> ArtifactRef:
                                                                                 code_digest=""))
 
 
-def _data_path(store: ArtifactStore, ref: ArtifactRef) -> Path:
-    return Path(ref.uri) if Path(ref.uri).is_file() else store.fetch(ref.uri)
-
-
 def key(name: str, module: str, spec, inputs: dict) -> str:
     return stage_key(name, module, spec, inputs)
 
@@ -80,7 +76,7 @@ def run(name: str, module: str, method: str, spec, inputs: dict, store: Artifact
         train = spec.train.model_copy(update={"device": context.device.choose(spec.train.device,
                                                                                 f"align.{name}.train.device")})
         launch = {"method": method, "spec": spec.model_copy(update={"train": train}).model_dump(mode="json"),
-                  "model_dir": str(local_folder(store, model)), "data_path": str(_data_path(store, data)),
+                  "model_dir": str(local_folder(store, model)), "data_path": str(local_folder(store, data)),
                   "work_dir": str(work)}
         with store.mirror_checkpoints(work / CHECKPOINTS_DIR, keep=train.keep_checkpoints):
             distributed.run_training("alignment.align_stage", launch, train.num_processes, work, align_and_save,

@@ -47,7 +47,7 @@ def run(spec: RewardSpec, inputs: dict, store: ArtifactStore, context: StageCont
         from alignment.reward import read_rows, train_reward_model
         from model.architectures import summarize_folder
 
-        path = Path(data.uri) if Path(data.uri).is_file() else store.fetch(data.uri)
+        path = local_folder(store, data)  # a given file or folder as it is; a published artifact fetched
         out = work / MODEL_DIR
         shutil.rmtree(out, ignore_errors=True)  # a crash mid-write: the head is retrained, not patched
         metrics = train_reward_model(local_folder(store, base), read_rows(path), out, spec, source=str(path),

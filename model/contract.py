@@ -314,5 +314,5 @@ def produce(ref_type: type[R], store: ArtifactStore, key: str, lineage: Lineage,
 
 def local_folder(store: ArtifactStore, ref: Ref) -> Path:
     """A local folder with the ref's files: the published artifact (downloaded once when remote),
-    or the folder itself for a checkpoint the factory did not produce."""
+    or the folder (or file) itself for an input the factory did not produce."""
     return Path(ref.uri) if ref.lineage.stage == EXTERNAL else store.fetch(ref.uri)

@@ -239,7 +239,8 @@ def test_factory_reward_trains_a_reward_model_the_sdg_scorer_loads(tmp_path, tmp
     monkeypatch.setenv("FACTORY_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
     _, preference_data = write_alignment_data(tmp_path / "data", rows=64)
     recipe = recipe_dict(corpus_dir, name="reward-micro", start_from=str(tiny_checkpoint(tmp_path_factory)),
-                         reward_model={"base": "teacher", "data": str(preference_data), "steps": 150,
+                         # a folder: the stage reads its preference.jsonl (beside sft.jsonl)
+                         reward_model={"base": "teacher", "data": str(preference_data.parent), "steps": 150,
                                        "held_out_fraction": 0.25})
     code, out, err = run_cli("reward", str(write_recipe(tmp_path / "reward.yaml", recipe)), capsys=capsys)
     assert code == 0, err
