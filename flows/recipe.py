@@ -108,21 +108,20 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _alignment_has_its_inputs(self):
-        problems = {}
-        sections = [("align", self.align.model, [(f"align.{n}.data", s.data) for n, s in self.align.steps()])
-                    if self.align else None,
-                    ("reward_model", self.reward_model.base, [("reward_model.data", self.reward_model.data)])
-                    if self.reward_model else None]
-        for section, model, data in filter(None, sections):
-            field = "model" if section == "align" else "base"
-            if model == STUDENT and self.distill is None:
-                problems[f"{section}.{field}"] = f"{STUDENT!r} is the distilled student, and the recipe has no distill section"
-            if model in (STUDENT, TEACHER) and not self.start_from and self.model.family == "hymba" and section == "align":
-                problems[f"{section}.{field}"] = ("TRL's trainers pad batches, which a hymba model's forward does not "
-                                                  "take: the align stages support nemotron_h models")
-            for path, value in data:
-                if value == SDG and self.sdg is None:
-                    problems[path] = f"{SDG!r} is this recipe's synthetic data, and the recipe has no sdg section"
+        models, data, problems = [], [], {}
+        if self.align is not None:
+            models.append(("align.model", self.align.model))
+            data += [(f"align.{name}.data", step.data) for name, step in self.align.steps()]
+            if self.align.model in (STUDENT, TEACHER) and not self.start_from and self.model.family == "hymba":
+                problems["align.model"] = ("TRL's trainers pad batches, which a hymba model's forward does not take: "
+                                           "the align stages support nemotron_h models")
+        if self.reward_model is not None:
+            models.append(("reward_model.base", self.reward_model.base))
+            data.append(("reward_model.data", self.reward_model.data))
+        problems |= {path: f"{STUDENT!r} is the distilled student, and the recipe has no distill section"
+                     for path, model in models if model == STUDENT and self.distill is None}
+        problems |= {path: f"{SDG!r} is this recipe's synthetic data, and the recipe has no sdg section"
+                     for path, value in data if value == SDG and self.sdg is None}
         if problems:
             raise FieldErrors(problems)
         return self

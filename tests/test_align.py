@@ -120,6 +120,20 @@ def test_each_step_is_cached_on_its_own_spec_and_inputs(aligned, tmp_path):
     assert again == preference
 
 
+def test_a_recipe_whose_alignment_lacks_its_inputs_is_refused_naming_the_fields(corpus_dir):
+    from flows.recipe import RecipeError, parse_recipe
+
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(recipe_dict(corpus_dir, align={"model": "student"}, reward_model={"base": "student"}))
+    problems = dict(e.value.problems)
+    assert "no distill section" in problems["align.model"] and "no distill section" in problems["reward_model.base"]
+    assert "no sdg section" in problems["align.sft.data"] and "no sdg section" in problems["align.preference.data"]
+    assert "no sdg section" in problems["reward_model.data"]
+    with pytest.raises(RecipeError, match="align.model: TRL's trainers pad batches"):
+        parse_recipe(recipe_dict(corpus_dir, model={"family": "hymba", "preset": "micro"},
+                                 align={"model": "teacher", "sft": {"data": str(corpus_dir)}, "preference": None}))
+
+
 def test_bad_alignment_data_is_refused_before_training(tmp_path, tmp_path_factory):
     from alignment.align import preference_examples, sft_examples
 
