@@ -64,7 +64,7 @@ Scores (one calibration pass, compression/importance.py):
     mamba.{i}   x slice of in_proj's output, before the conv: SSM channels            (Hs, P)
     hybrid.{i}  out_proj's input, (attention + ssm) / 2, per column: hybrid heads and
                 sub-heads, on the kept channels                                       (d,)
-    layer_kl, layer_cosine                                                            (layers,)
+    layer_kl, layer_mse, layer_cosine                                                 (layers,)
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compression.importance import Scores
+from compression.importance import Scores, layer_score
 from compression.prune import PrunePlan, _cols, _rows, _top, _top_per_group, depth_problems
 from compression.spec import PruneTarget
 
@@ -296,7 +296,7 @@ def kept_layers(config, scores: Scores, target: PruneTarget) -> list[int]:
         return list(range(num_layers))
     candidates = droppable_layers(config)
     keep = target.num_layers - (num_layers - len(candidates))  # every global layer stays
-    score = scores[f"layer_{target.layer_metric}"][candidates]
+    score = layer_score(scores, target.layer_metric)[candidates]
     chosen = {candidates[j] for j in _top(score, keep).tolist()}
     return [i for i in range(num_layers) if i not in candidates or i in chosen]
 

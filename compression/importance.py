@@ -1,8 +1,9 @@
 """Activation importance of a Nemotron-H or Hymba model (Minitron / Minitron-SSM).
 
 One calibration pass with forward hooks scores every width axis; depth is scored by the
-KL divergence of the logits with one layer removed (a pass per layer) and by the cheap
-cosine block importance taken in the same calibration pass.
+KL divergence of the logits and the MSE of the final hidden states with one layer removed
+(both from the same pass per layer), and by the cheap cosine block importance taken in the
+calibration pass.
 
     axis                  where the hook reads                                   score shape
     hidden ("embedding")  output of every block's RMSNorm (the mixer's input),  (hidden,)
@@ -10,11 +11,12 @@ cosine block importance taken in the same calibration pass.
     ffn.{i}               output of up_proj (pre-activation; or down_proj input) (intermediate,)
     attention.{i}         attention output before o_proj, L2 per head            (num_heads,)
     mamba.{i}             x slice of in_proj's output, before conv1d             (heads, head_dim)
-    layer_kl, layer_cosine                                                       (num_layers,)
+    layer_kl, layer_mse, layer_cosine                                            (num_layers,)
 
 Mamba scores keep the full (heads, head_dim) matrix: channels are ranked by the L2 over
 heads, and heads on the channels a target keeps, so one set of scores serves every target.
-Scores are plain tensors in a dict, saved as safetensors and reused.
+Scores are plain tensors in a dict, saved as safetensors and reused; files saved before
+``layer_mse`` existed still load and serve every metric but ``mse`` (``layer_score``).
 
 Hymba's hooks and score keys (both RMSNorms of a layer for hidden, SwiGLU's gate_proj, the x
 slice and out_proj's input per layer) are in compression/hymba.py; the pass, the aggregation and
@@ -172,21 +174,29 @@ def activation_scores(net, data: PackedTokens, spec: ImportanceSpec, device: tor
 
 
 @torch.no_grad()
-def layer_kl_scores(net, data: PackedTokens, spec: ImportanceSpec, device: torch.device | None = None) -> torch.Tensor:
-    """KL(full || without layer i) of the next-token distributions, mean per token, per layer.
+def layer_removal_scores(net, data: PackedTokens, spec: ImportanceSpec,
+                         device: torch.device | None = None) -> Scores:
+    """The depth scores of removing one layer at a time, both from the same forward passes:
 
-    Computed from final hidden states a chunk of positions at a time (model/losses.py): at 8,192
-    tokens and a 131,072-token vocabulary one sequence's float32 logits alone would be 4 GiB."""
+    ``layer_kl``   KL(full || without layer i) of the next-token distributions, mean per token;
+    ``layer_mse``  mean squared error between the full model's final hidden states (after the final
+                   norm) and those without layer i, mean over hidden channels and tokens (Minitron's
+                   alternative depth score).
+
+    One forward of the full model per batch is the reference, then one per removed layer. Computed
+    a chunk of positions at a time (model/losses.py): at 8,192 tokens and a 131,072-token vocabulary
+    one sequence's float32 logits alone would be 4 GiB."""
     device = device or next(net.parameters()).device
     layers = _layers(net)
     kl = torch.zeros(len(layers), dtype=torch.float64)
+    mse = torch.zeros(len(layers), dtype=torch.float64)
     tokens = 0
     was_training = net.training
     net.eval()
     rows = calibration_rows(data, spec.layer_samples, spec.seed + 1)
     batches = range(0, len(rows), spec.batch_size)
     # Counted in forward passes (num_layers per batch): at 8B and 8K tokens one batch takes minutes.
-    progress = tqdm(total=len(batches) * len(layers), desc="layer KL", unit=" layers", leave=False)
+    progress = tqdm(total=len(batches) * len(layers), desc="layer KL/MSE", unit=" layers", leave=False)
     for start in batches:
         input_ids = data.batch(rows[start : start + spec.batch_size])[0].to(device)
         full, head = final_hidden(net, input_ids)  # (B, L, H)
@@ -196,17 +206,47 @@ def layer_kl_scores(net, data: PackedTokens, spec: ImportanceSpec, device: torch
         def kl_per_token(skipped_hidden, full_hidden, head=head):  # (n, H), (n, H) -> (n,): KL(full || skipped)
             return kd_per_token(project(head, skipped_hidden), project(head, full_hidden))
 
+        def mse_per_token(skipped_hidden, full_hidden):  # (n, H), (n, H) -> (n,)
+            return (skipped_hidden.float() - full_hidden.float()).pow(2).mean(-1)
+
         for i, block in enumerate(layers):
             # A forward hook that returns the block's input removes the block from the residual stream.
             handle = block.register_forward_hook(lambda module, args, output: args[0])
             with _hooks([handle]):
                 skipped = final_hidden(net, input_ids)[0].flatten(0, 1)
             kl[i] += chunked_token_sum(kl_per_token, [skipped, full], every_position).double().cpu()
+            mse[i] += chunked_token_sum(mse_per_token, [skipped, full], every_position).double().cpu()
             progress.update(1)
         tokens += input_ids.numel()
     progress.close()
     net.train(was_training)
-    return (kl / tokens).float()
+    return {"layer_kl": (kl / tokens).float(), "layer_mse": (mse / tokens).float()}
+
+
+def layer_kl_scores(net, data: PackedTokens, spec: ImportanceSpec, device: torch.device | None = None) -> torch.Tensor:
+    """KL(full || without layer i) of the next-token distributions, mean per token, per layer
+    (``layer_removal_scores``'s ``layer_kl``)."""
+    return layer_removal_scores(net, data, spec, device)["layer_kl"]
+
+
+def missing_layer_metric(scores: Scores, metric: str) -> str | None:
+    """Why ``scores`` cannot rank layers by ``metric`` (None when they can)."""
+    key = f"layer_{metric}"
+    if key in scores:
+        return None
+    if metric == "mse":
+        return ("layer_metric 'mse' needs the `layer_mse` depth score, and these importance scores have none (they "
+                "were saved before it existed): rerun the importance stage (compress.importance) to recompute "
+                "them, or choose layer_metric 'kl' or 'cosine'")
+    return f"layer_metric {metric!r} needs the `{key}` depth score, and these importance scores have none"
+
+
+def layer_score(scores: Scores, metric: str) -> torch.Tensor:
+    """The per-layer depth score ``layer_metric`` names (``kl``, ``cosine`` or ``mse``); a clear
+    error for score files without it (``layer_mse`` is absent from scores saved before it existed)."""
+    if (problem := missing_layer_metric(scores, metric)) is not None:
+        raise ValueError(problem)
+    return scores[f"layer_{metric}"]
 
 
 def random_scores(config, seed: int) -> Scores:
@@ -220,7 +260,7 @@ def random_scores(config, seed: int) -> Scores:
         from compression.hymba import score_shapes
 
         scores = {key: noise(*shape) for key, shape in score_shapes(config).items() if key != "layer_cosine"}
-        return scores | {"layer_cosine": scores["layer_kl"].clone()}
+        return scores | {"layer_cosine": scores["layer_kl"].clone(), "layer_mse": scores["layer_kl"].clone()}
 
     scores: Scores = {"hidden": noise(config.hidden_size)}
     for i, kind in enumerate(config.layers_block_type):
@@ -232,6 +272,7 @@ def random_scores(config, seed: int) -> Scores:
             scores[f"mamba.{i}"] = noise(config.mamba_num_heads, config.mamba_head_dim)
     scores["layer_kl"] = noise(len(config.layers_block_type))
     scores["layer_cosine"] = scores["layer_kl"].clone()
+    scores["layer_mse"] = scores["layer_kl"].clone()
     return scores
 
 
@@ -240,8 +281,7 @@ def estimate_importance(net, data: PackedTokens, spec: ImportanceSpec) -> Scores
     if spec.method == "random":
         return random_scores(net.config, spec.seed)
     scores = activation_scores(net, data, spec)
-    scores["layer_kl"] = layer_kl_scores(net, data, spec)
-    return scores
+    return scores | layer_removal_scores(net, data, spec)
 
 
 def save_scores(scores: Scores, path: Path, metadata: dict) -> None:

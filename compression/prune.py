@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from compression.importance import Scores
+from compression.importance import Scores, layer_score, missing_layer_metric
 from compression.spec import PruneTarget
 
 PRUNABLE_LAYER_TYPES = {"linear_attention", "full_attention", "mlp"}
@@ -113,10 +113,17 @@ def depth_problems(target: PruneTarget, num_layers: int) -> dict[str, str]:
     return problems
 
 
-def score_problems(config, scores: Scores) -> list[str]:
-    """Scores that do not fit this model (saved for another model, or incomplete)."""
+def score_problems(config, scores: Scores, layer_metric: str | None = None) -> list[str]:
+    """Scores that do not fit this model (saved for another model, or incomplete); with
+    ``layer_metric``, also scores that lack that depth score (``layer_mse`` is optional, as files
+    saved before it existed lack it, and only ranking layers by ``mse`` needs it)."""
+    problems = []
+    if layer_metric is not None and (missing := missing_layer_metric(scores, layer_metric)) is not None:
+        problems.append(missing)
+    if "layer_mse" in scores:
+        problems += _shape_problems({"layer_mse": (layer_count(config),)}, scores)
     if (hymba := _hymba(config)) is not None:
-        return _shape_problems(hymba.score_shapes(config), scores)
+        return _shape_problems(hymba.score_shapes(config), scores) + problems
     expected = {"hidden": (config.hidden_size,), "layer_kl": (len(config.layers_block_type),),
                 "layer_cosine": (len(config.layers_block_type),)}
     for i, kind in enumerate(config.layers_block_type):
@@ -126,7 +133,7 @@ def score_problems(config, scores: Scores) -> list[str]:
             expected[f"attention.{i}"] = (config.num_attention_heads,)
         elif kind == "linear_attention":
             expected[f"mamba.{i}"] = (config.mamba_num_heads, config.mamba_head_dim)
-    return _shape_problems(expected, scores)
+    return _shape_problems(expected, scores) + problems
 
 
 def _shape_problems(expected: dict[str, tuple[int, ...]], scores: Scores) -> list[str]:
@@ -168,7 +175,7 @@ def kept_layers(config, scores: Scores, target: PruneTarget) -> list[int]:
     if target.drop_layers is not None:
         return [i for i in range(num_layers) if i not in set(target.drop_layers)]
     if target.num_layers is not None:
-        return _top(scores[f"layer_{target.layer_metric}"], target.num_layers).tolist()
+        return _top(layer_score(scores, target.layer_metric), target.num_layers).tolist()
     return list(range(num_layers))
 
 
@@ -295,7 +302,7 @@ def prune(net, scores: Scores, target: PruneTarget):
 
     config = net.config
     problems = target_problems(config, target)
-    if bad_scores := score_problems(config, scores):
+    if bad_scores := score_problems(config, scores, target.layer_metric if target.num_layers is not None else None):
         problems["scores"] = bad_scores[0]
     if problems:
         raise ValueError("; ".join(f"{k}: {v}" for k, v in problems.items()))

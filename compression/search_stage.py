@@ -43,12 +43,15 @@ def run(spec: SearchSpec, inputs: dict, store: ArtifactStore, context: StageCont
     data: DataRef = inputs["data"]
 
     def run_search(work: Path) -> Output:
+        from compression.importance import missing_layer_metric
         from compression.search import search, write_report
         from model.architectures import load_pretrained
         from model.data import PackedTokens
         from model.device import inference_dtype
 
         scores = importance_stage.load(store, inputs["scores"])
+        if spec.space.num_layers and (problem := missing_layer_metric(scores, spec.layer_metric)) is not None:
+            raise ValueError(f"search.layer_metric: {problem}")  # before loading the teacher
         device = context.device.resolve(spec.short_kd.train.device, "search.short_kd.train.device")
         teacher_dir = local_folder(store, teacher)
         net, tokenizer = load_pretrained(teacher_dir, device=device, dtype=inference_dtype(device))
@@ -112,7 +115,11 @@ def summary(ref: ArtifactRef, store: ArtifactStore) -> Summary:
     rows = [{"chosen": c["chosen"], "layers": c["architecture"]["layer_pattern"],
              "hidden": c["architecture"]["hidden_size"], "ffn": c["architecture"]["intermediate_size"],
              "mamba_heads": c["architecture"]["mamba_num_heads"], "parameters": c["parameters"],
-             "zero_shot_loss": c["zero_shot_loss"], "kd_loss": c["kd_loss"],
+             "memory_gib": c["memory_bytes"] / 2**30,
+             **{f"{part}_gib": v / 2**30 for part, v in (c.get("memory") or {}).items()},
+             "rank": c.get("rank"), "zero_shot_loss": c["zero_shot_loss"],
+             "zero_shot_token_accuracy": c.get("zero_shot_token_accuracy"),
+             "zero_shot_greedy_agreement": c.get("zero_shot_greedy_agreement"), "kd_loss": c["kd_loss"],
              "decode_tokens_per_s": c["decode_tokens_per_s"]} for c in report["candidates"]]
     return Summary(table=rows, table_description="architecture search candidates",
                    files=[str(p) for p in sorted(folder.iterdir()) if p.is_file()])

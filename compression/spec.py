@@ -47,8 +47,9 @@ class ImportanceSpec(Section):
     )
     layer_samples: PositiveInt = Field(
         16,
-        description="Sequences for the KL depth score (the KL between the full model's next-token distribution "
-                    "and that with one layer removed); each batch costs num_layers + 1 forward passes.",
+        description="Sequences for the KL and MSE depth scores (the KL between the full model's next-token "
+                    "distribution and that with one layer removed, and the mean squared error between their final "
+                    "hidden states), both from the same passes; each batch costs num_layers + 1 forward passes.",
     )
     method: Literal["activation", "random"] = Field(
         "activation",
@@ -109,10 +110,12 @@ class PruneTarget(Section):
         description="0-based indices of the teacher's layers to drop, each at most once (at least one attention "
                     "layer must remain; never a Hymba global-attention layer); null drops none. Not with `num_layers`.",
     )
-    layer_metric: Literal["kl", "cosine"] = Field(
+    layer_metric: Literal["kl", "cosine", "mse"] = Field(
         "kl",
-        description="The depth score `num_layers` ranks layers by: `kl` (KL of the logits with the layer removed) "
-                    "or `cosine` (block importance, 1 - cos between a layer's input and output).",
+        description="The depth score `num_layers` ranks layers by: `kl` (KL of the logits with the layer removed), "
+                    "`cosine` (block importance, 1 - cos between a layer's input and output) or `mse` (mean squared "
+                    "error of the final hidden states, after the final norm, with the layer removed; needs scores "
+                    "from an importance run that saved `layer_mse`).",
     )
     mamba_head_selection: Literal["group_aware", "global"] = Field(
         "group_aware",
@@ -209,6 +212,9 @@ class SearchSpace(Section):
     )
 
 
+MemoryDtype = Literal["float32", "bfloat16", "float16", "fp8", "fp4"]  # model/cost.py's DTYPE_BYTES
+
+
 class Budget(Section):
     """The search's budget: candidates outside it are rejected before they are scored.
 
@@ -233,11 +239,24 @@ class Budget(Section):
     batch: PositiveInt = Field(
         1, description="Sequences served at once, in the memory budget and the decode-latency measurement.",
     )
-    dtype: Literal["float32", "bfloat16", "float16", "fp8", "fp4"] = Field(
+    dtype: MemoryDtype = Field(
         "bfloat16",
         description="Number format of the memory budget's weights, KV cache and conv state (4, 2, 2, 1 and 0.5 "
-                    "bytes per value); the Mamba SSM state counts in the model's mamba_ssm_cache_dtype (float32 by "
-                    "default).",
+                    "bytes per value) unless a component's own dtype below is given; the Mamba SSM state counts in "
+                    "the model's mamba_ssm_cache_dtype (float32 by default) unless `mamba_state_dtype` is given.",
+    )
+    weights_dtype: MemoryDtype | None = Field(
+        None, description="Number format of the weights in the memory budget; null: `dtype`.",
+    )
+    kv_cache_dtype: MemoryDtype | None = Field(
+        None,
+        description="Number format of the attention KV cache in the memory budget; null: `dtype`. FP4 weights "
+                    "with a bfloat16 or FP8 cache are different budgets.",
+    )
+    mamba_state_dtype: MemoryDtype | None = Field(
+        None,
+        description="Number format of the whole Mamba state (conv and SSM states) in the memory budget; null: the "
+                    "conv state in `dtype` and the SSM state in the model's mamba_ssm_cache_dtype.",
     )
     decode_latency_ms: PositiveFloat | None = Field(
         None,
@@ -258,18 +277,21 @@ class Budget(Section):
 
 class SearchSpec(Section):
     """``compress.search``: every combination of ``space`` that meets ``budget`` is pruned from the
-    saved importance scores and ranked by zero-shot validation loss; the best ``top_k`` get a short
-    distillation, and the lowest loss after it wins (ties within ``tie_tolerance`` go to the faster
-    decoder). docs/compression.md, sections 1.5 and 2.3."""
+    saved importance scores and ranked zero-shot on validation data (by ``ranking``: loss, next-token
+    accuracy or greedy agreement with the teacher); the best ``top_k`` (and optionally a
+    ``diverse_finalist``) get a short distillation, and the lowest loss after it wins (ties within
+    ``tie_tolerance`` go to the faster decoder). docs/compression.md, sections 1.5 and 2.3."""
 
     space: SearchSpace = Field(
         default_factory=SearchSpace, description="The choices per axis; every combination is a candidate.",
     )
     budget: Budget = Field(description="Required: the constraints a candidate must meet.")
-    layer_metric: Literal["kl", "cosine"] = Field(
+    layer_metric: Literal["kl", "cosine", "mse"] = Field(
         "kl",
         description="The depth score that decides which layers a `space.num_layers` choice drops: `kl` (KL of the "
-                    "logits with the layer removed) or `cosine` (block importance).",
+                    "logits with the layer removed), `cosine` (block importance) or `mse` (mean squared error of the "
+                    "final hidden states with the layer removed). All three come from the saved importance scores; "
+                    "`mse` needs scores saved since it was added (rerun the importance stage for older ones).",
     )
     mamba_head_selection: Literal["group_aware", "global"] = Field(
         "group_aware",
@@ -286,10 +308,27 @@ class SearchSpec(Section):
         description="Validation rows (the first N) on which each candidate's loss is measured, zero-shot and "
                     "after its short distillation.",
     )
+    ranking: Literal["lm_loss", "token_accuracy", "greedy_agreement"] = Field(
+        "lm_loss",
+        description="The zero-shot score that ranks the candidates, all three measured in the same forward pass "
+                    "and reported: `lm_loss` (validation next-token loss, lower is better), `token_accuracy` (the "
+                    "fraction of validation tokens that are the candidate's argmax prediction) or "
+                    "`greedy_agreement` (the fraction of positions where the candidate's argmax equals the "
+                    "teacher's on the same inputs); higher is better for both. The choice after the short "
+                    "distillation stays by loss.",
+    )
     top_k: PositiveInt = Field(
         3,
-        description="Candidates with the lowest zero-shot loss that get the short distillation; the winner is one "
-                    "of them.",
+        description="Candidates ranked best zero-shot (by `ranking`) that get the short distillation; the winner is "
+                    "one of the finalists.",
+    )
+    diverse_finalist: bool = Field(
+        False,
+        description="Add one finalist beyond `top_k`: among the rest, the one whose shape differs most from the top "
+                    "k (its smallest distance to any of them, the L1 distance over hidden_size, intermediate_size, "
+                    "num_attention_heads, mamba_num_heads, mamba_head_dim and the number of layers, each divided by "
+                    "the teacher's value), the better-ranked on a tie; none when every remaining shape is in the top "
+                    "k.",
     )
     short_kd: DistillSpec = Field(
         default_factory=lambda: DistillSpec(

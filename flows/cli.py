@@ -243,7 +243,7 @@ def cmd_prune(args) -> int:
     teacher = external_model_ref(model_dir)
     if args.scores:
         scores, _ = load_scores(Path(args.scores))
-        if bad := score_problems(config, scores):
+        if bad := score_problems(config, scores, target.layer_metric if target.num_layers is not None else None):
             _fail([("--scores", p) for p in bad], args.scores)
         scores_path = Path(args.scores)
     else:

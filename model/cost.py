@@ -2,7 +2,7 @@
 ``parameters_by_kind``). The architecture search budgets with it and evaluation checks the
 caches it measures against it.
 
-    memory = weights + attention KV cache + Mamba state
+    memory = weights + attention KV cache + Mamba state   (each part in its own dtype, default one)
     KV cache    = attention layers x 2 (K, V) x KV heads x head_dim x context x batch x dtype bytes
     Mamba state = Mamba layers x batch x (conv_dim x conv_kernel x dtype bytes      (conv state)
                                           + heads x head_dim x state x ssm bytes)   (SSM state, fp32)
@@ -90,7 +90,12 @@ def mamba_state_bytes(config, batch: int, dtype="bfloat16", ssm_dtype=None) -> t
 
 
 def inference_memory(config, parameters: int, context: int, batch: int = 1, dtype="bfloat16",
-                     ssm_dtype=None) -> InferenceMemory:
-    conv, ssm = mamba_state_bytes(config, batch, dtype, ssm_dtype)
-    return InferenceMemory(weights=parameters * dtype_bytes(dtype), kv_cache=kv_cache_bytes(config, context, batch, dtype),
+                     ssm_dtype=None, *, weights_dtype=None, kv_cache_dtype=None, conv_dtype=None) -> InferenceMemory:
+    """Weights, KV cache and Mamba state of ``batch`` sequences of ``context`` tokens. Each part
+    has its own number format: ``weights_dtype``, ``kv_cache_dtype`` and ``conv_dtype`` default to
+    ``dtype`` (FP4 weights with a bfloat16 or FP8 cache are different budgets); ``ssm_dtype`` to the
+    config's ``mamba_ssm_cache_dtype``."""
+    conv, ssm = mamba_state_bytes(config, batch, conv_dtype or dtype, ssm_dtype)
+    return InferenceMemory(weights=parameters * dtype_bytes(weights_dtype or dtype),
+                           kv_cache=kv_cache_bytes(config, context, batch, kv_cache_dtype or dtype),
                            conv_state=conv, ssm_state=ssm)

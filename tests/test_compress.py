@@ -160,6 +160,7 @@ def test_search_choice_is_reproducible_and_reported(search_setup, tmp_path):
     full = sum(parameters_by_kind(teacher.config).values())
     spec = SearchSpec(space=SPACE, budget=Budget(parameters=int(full * 0.6), parameter_tolerance=0.2),
                       top_k=2, zero_shot_sequences=16, throughput_context=32,
+                      tie_tolerance=0.0,  # a tie goes to the measured decode speed, which varies from run to run
                       short_kd=DistillSpec(train=TrainSpec(steps=2, batch_size=4, micro_batch_size=4, warmup_steps=1,
                                                            checkpoint_every=10, eval_every=10)))
     first = search(teacher, scores, train, validation, spec, tmp_path / "a")
@@ -178,7 +179,11 @@ def test_search_choice_is_reproducible_and_reported(search_setup, tmp_path):
     from compression.search import write_report
 
     write_report(first, tmp_path / "report")
-    assert "**chosen**" in (tmp_path / "report" / "measurements" / "search.md").read_text()
+    markdown = (tmp_path / "report" / "measurements" / "search.md").read_text()
+    assert "**chosen**" in markdown and "weights / KV / conv / SSM (GiB)" in markdown
+    chosen = first["chosen"]
+    assert chosen["zero_shot_token_accuracy"] is not None and chosen["kd_greedy_agreement"] is not None
+    assert chosen["memory_bytes"] == sum(chosen["memory"].values())
     assert (tmp_path / "report" / "measurements" / "search_pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -188,7 +193,7 @@ def test_a_space_larger_than_max_candidates_is_an_error_before_any_scoring(searc
     full = sum(parameters_by_kind(teacher.config).values())
     spec = SearchSpec(space=SPACE, budget=Budget(parameters=int(full * 0.6), parameter_tolerance=0.2),
                       max_candidates=5)
-    monkeypatch.setattr("compression.search.evaluate_loss", lambda *a, **k: pytest.fail("scored a candidate"))
+    monkeypatch.setattr("compression.search.zero_shot_metrics", lambda *a, **k: pytest.fail("scored a candidate"))
     with pytest.raises(ValueError, match=r"9 architectures in the search space meet the budget, more than "
                                          r"search.max_candidates \(5\)"):
         search(teacher, scores, train, validation, spec, tmp_path)
@@ -213,6 +218,150 @@ def test_the_latency_budget_is_measured_at_its_own_batch_and_context(search_setu
     with pytest.raises(ValueError, match="every candidate is over the decode-latency budget"):
         search(teacher, scores, train, validation, spec, tmp_path)
     assert measured and set(measured) == {(3, 48)}
+
+
+def test_token_metrics_on_hand_made_logits():
+    from compression.search import metrics_from_sums, token_metric_sums
+
+    logits = torch.tensor([[2.0, 0, 0], [0, 3, 0], [0, 0, 1], [1, 0, 5]])  # argmax 0, 1, 2, 2
+    targets = torch.tensor([0, 1, 1, 2])  # right, right, wrong, (right: masked out)
+    teacher = torch.tensor([0, 2, 1, 2])  # agrees, no, no, (yes: masked out)
+    mask = torch.tensor([1, 1, 1, 0])
+    metrics = metrics_from_sums(token_metric_sums(logits, targets, mask, teacher))
+    assert metrics["token_accuracy"] == pytest.approx(2 / 3)
+    assert metrics["greedy_agreement"] == pytest.approx(1 / 3)
+    assert metrics["lm_loss"] == pytest.approx(F.cross_entropy(logits[:3], targets[:3]).item())
+    assert metrics_from_sums(token_metric_sums(logits, targets, mask), with_agreement=False)["greedy_agreement"] is None
+
+
+def test_zero_shot_metrics_match_the_evaluation_loop_and_the_teacher_agrees_with_itself(search_setup):
+    from compression.search import zero_shot_metrics
+    from evaluation.quality import next_token_hits
+    from model.train import evaluate_loss
+
+    teacher, _, _, validation = search_setup
+    rows = range(6)
+    metrics, greedy = zero_shot_metrics(teacher, validation, rows, 4, keep_argmax=True, chunk_tokens=7)
+    assert [g.shape[0] for g in greedy] == [4 * 31, 2 * 31]  # one argmax per position, per micro-batch
+    assert metrics["lm_loss"] == pytest.approx(evaluate_loss(teacher, validation, rows, 4), rel=1e-5)
+    assert metrics["token_accuracy"] == pytest.approx(evaluate_loss(teacher, validation, rows, 4, next_token_hits))
+    again, _ = zero_shot_metrics(teacher, validation, rows, 4, reference=greedy)
+    assert again["greedy_agreement"] == 1.0 and again["lm_loss"] == pytest.approx(metrics["lm_loss"])
+    flipped = [(g + 1) % teacher.config.vocab_size for g in greedy]
+    assert zero_shot_metrics(teacher, validation, rows, 4, reference=flipped)[0]["greedy_agreement"] == 0.0
+
+
+@pytest.mark.parametrize("ranking", ["lm_loss", "token_accuracy", "greedy_agreement"])
+def test_the_search_ranks_candidates_by_the_chosen_metric(search_setup, tmp_path, monkeypatch, ranking):
+    import compression.search as search_module
+
+    teacher, scores, train, validation = search_setup
+    calls = []
+
+    def fake_metrics(model, data, rows, micro, reference=None, keep_argmax=False, **kwargs):
+        i = len(calls)  # call 0 is the teacher's; loss and accuracy both rise, agreement zigzags
+        calls.append(model)
+        return {"lm_loss": 1.0 + i, "token_accuracy": i / 100, "greedy_agreement": (i * 4 % 9) / 9}, (
+            [] if keep_argmax else None)
+
+    monkeypatch.setattr(search_module, "zero_shot_metrics", fake_metrics)
+    monkeypatch.setattr(search_module, "_decode_speed", lambda *a: (1.0, 1.0))
+    full = sum(parameters_by_kind(teacher.config).values())
+    spec = SearchSpec(space=SPACE, budget=Budget(parameters=int(full * 0.6), parameter_tolerance=0.2), top_k=2,
+                      ranking=ranking)
+    report = search(teacher, scores, train, validation, spec, tmp_path,
+                    short_kd=lambda student, rank, description: (student, {"steps": 0, "tokens_seen": 0}))
+    field_name, higher_is_better = search_module.RANKINGS[ranking]
+    by_rank = sorted(report["candidates"], key=lambda c: c["rank"])
+    values = [c[field_name] for c in by_rank]
+    assert values == sorted(values, reverse=higher_is_better) and len(set(values)) == len(values) == 9
+    assert [c["finalist"] for c in by_rank] == ["top_k"] * 2 + [None] * 7
+    assert all((c["kd_loss"] is not None) == (c["rank"] <= 2) for c in report["candidates"])
+    # lm_loss ranks in enumeration order, token_accuracy in reverse (both rise with the call count)
+    first = [c["rank"] for c in report["candidates"]][0]
+    assert first == {"lm_loss": 1, "token_accuracy": 9, "greedy_agreement": by_rank.index(report["candidates"][0]) + 1}[
+        ranking]
+
+
+def _shaped(name, hidden, ffn, layers):
+    from compression.search import Candidate
+
+    return Candidate(target={"name": name}, parameters=0, memory_bytes=0.0,
+                     architecture={"hidden_size": hidden, "intermediate_size": ffn, "num_attention_heads": 4,
+                                   "mamba_num_heads": 8, "mamba_head_dim": 16, "layer_pattern": "M" * layers})
+
+
+def test_the_diverse_finalist_is_the_remaining_candidate_farthest_from_the_top_k():
+    from compression.search import choose_finalists, shape_distance, shape_of
+
+    teacher = shape_of(_shaped("teacher", 100, 400, 10).architecture)
+    assert teacher == {"hidden_size": 100, "intermediate_size": 400, "num_attention_heads": 4, "mamba_num_heads": 8,
+                       "mamba_head_dim": 16, "num_layers": 10}
+    ranked = [_shaped("a", 80, 400, 10), _shaped("b", 80, 300, 10), _shaped("c", 80, 300, 9),  # near the top 2
+              _shaped("d", 100, 200, 5), _shaped("e", 50, 400, 6),  # d: 0.2+0.25+0.5 from a, e: 0.3+0.4 = 0.7
+              _shaped("f", 80, 200, 5)]  # f: 0.25 + 0.5 = 0.75 from b
+    assert shape_distance(shape_of(ranked[3].architecture), shape_of(ranked[0].architecture), teacher) == \
+        pytest.approx(0.2 + 0.5 + 0.5)
+    finalists = choose_finalists(ranked, 2, True, teacher)
+    # d's nearest finalist is b (0.2 + 0.25 + 0.5 = 0.95), e's is a (0.3 + 0.4 = 0.7), f's is b (0.75)
+    assert [c.target["name"] for c in finalists] == ["a", "b", "d"]
+    assert [c.finalist for c in ranked] == ["top_k", "top_k", None, "diverse", None, None]
+    # an equally distant, better-ranked candidate wins the tie; no diversity asked: the top k only
+    tied = [_shaped("a", 80, 400, 10), _shaped("b", 80, 300, 10), _shaped("x", 80, 300, 5), _shaped("y", 80, 300, 5)]
+    assert [c.target["name"] for c in choose_finalists(tied, 2, True, teacher)] == ["a", "b", "x"]
+    assert [c.target["name"] for c in choose_finalists(tied, 2, False, teacher)] == ["a", "b"]
+    same = [_shaped("a", 80, 400, 10), _shaped("a2", 80, 400, 10)]  # every remaining shape is a finalist's
+    assert [c.target["name"] for c in choose_finalists(same, 1, True, teacher)] == ["a"]
+
+
+def test_each_memory_component_counts_in_its_own_dtype(search_setup):
+    from pydantic import ValidationError
+
+    from compression.search import budget_memory
+
+    teacher, scores, _, _ = search_setup
+    config, parameters = teacher.config, 1_000_000
+    fp8 = budget_memory(config, parameters, Budget(memory_gib=1, context=4096, batch=2, dtype="fp8"))
+    mixed = budget_memory(config, parameters, Budget(memory_gib=1, context=4096, batch=2, dtype="fp8",
+                                                     weights_dtype="fp4", kv_cache_dtype="bfloat16"))
+    assert mixed.weights == fp8.weights / 2 == parameters * 0.5  # fp4 weights: half the fp8 bytes
+    assert mixed.kv_cache == 2 * fp8.kv_cache == kv_cache_bytes(config, 4096, 2, "bfloat16")
+    assert (mixed.conv_state, mixed.ssm_state) == (fp8.conv_state, fp8.ssm_state) == mamba_state_bytes(config, 2, "fp8")
+    assert mixed == inference_memory(config, parameters, 4096, 2, "fp8", weights_dtype="fp4",
+                                     kv_cache_dtype="bfloat16")
+    state = budget_memory(config, parameters, Budget(memory_gib=1, context=4096, batch=2, mamba_state_dtype="fp8"))
+    assert (state.conv_state, state.ssm_state) == mamba_state_bytes(config, 2, "fp8", ssm_dtype="fp8")
+    assert mamba_state_bytes(config, 2, "fp8")[1] == 4 * state.ssm_state  # the default SSM state is float32
+    with pytest.raises(ValidationError, match="kv_cache_dtype"):
+        Budget(memory_gib=1, kv_cache_dtype="int3")
+
+    # One candidate: in the budget with fp4 weights, out of it with fp8 weights (the same bf16 KV cache).
+    space = SearchSpace(hidden_size=[48])
+    common = dict(context=4096, dtype="bfloat16", kv_cache_dtype="bfloat16")
+    (probe,), _ = enumerate_candidates(config, scores, SearchSpec(space=space, budget=Budget(memory_gib=64, **common,
+                                                                                           weights_dtype="fp8")))
+    assert set(probe.memory) == {"weights", "kv_cache", "conv_state", "ssm_state"}
+    assert probe.memory_bytes == sum(probe.memory.values())
+    limit = (probe.memory_bytes - probe.memory["weights"] / 4) / 2**30  # between fp4 and fp8 weights
+    for weights_dtype, admitted in (("fp4", 1), ("fp8", 0)):
+        budget = Budget(memory_gib=limit, weights_dtype=weights_dtype, **common)
+        candidates, rejected = enumerate_candidates(config, scores, SearchSpec(space=space, budget=budget))
+        assert (len(candidates), rejected["memory"]) == (admitted, 1 - admitted)
+
+
+def test_hymba_memory_components_add_up_to_its_cache_formula():
+    from compression.search import budget_memory
+    from model.hymba import build_config as hymba_config
+    from model.hymba import cache_bytes
+
+    config = hymba_config("micro")
+    memory = budget_memory(config, 1000, Budget(memory_gib=1, context=300, batch=3))
+    assert memory.weights == 2000
+    assert memory.cache == 3 * cache_bytes(config, 300, kv_bytes=2, state_bytes=4)
+    assert memory.kv_cache > 0 and memory.conv_state > 0 and memory.ssm_state > 0
+    fp8_state = budget_memory(config, 1000, Budget(memory_gib=1, context=300, batch=3, mamba_state_dtype="fp8"))
+    assert (fp8_state.kv_cache, fp8_state.conv_state * 2, fp8_state.ssm_state * 4) == (
+        memory.kv_cache, memory.conv_state, memory.ssm_state)
 
 
 @pytest.mark.slow

@@ -130,11 +130,14 @@ def summarize(config: HymbaConfig) -> dict:
                 layer_pattern=config.layer_pattern, config={k: getattr(config, k) for k in keys})
 
 
-def cache_bytes(config: HymbaConfig, context_length: int, kv_bytes: int = 2, state_bytes: int = 4) -> int:
+def cache_bytes(config: HymbaConfig, context_length: int, kv_bytes: float = 2, state_bytes: float = 4,
+                conv_bytes: float | None = None) -> float:
     """Bytes of one sequence's decoding cache after ``context_length`` tokens, as HymbaCache
     holds it: K/V of KV-producing layers only (window layers: meta tokens + the last W-1
-    positions), the conv inputs (``kv_bytes`` each; x | B | C for Mamba-2, x alone for Mamba-1) and
-    the SSM state (``state_bytes``; d_inner x N for either)."""
+    positions), the conv inputs (``conv_bytes`` each, default ``kv_bytes``; x | B | C for Mamba-2,
+    x alone for Mamba-1) and the SSM state (``state_bytes``; d_inner x N for either). Each part is
+    linear in its byte width, so a width of 0 leaves that part out."""
+    conv_bytes = kv_bytes if conv_bytes is None else conv_bytes
     per_position = config.num_key_value_heads * (config.head_dim + config.v_head_dim) * kv_bytes
     conv_dim = config.mamba_num_heads * config.mamba_head_dim
     if config.ssm_type == "mamba2":
@@ -146,7 +149,7 @@ def cache_bytes(config: HymbaConfig, context_length: int, kv_bytes: int = 2, sta
             window = config.layer_window(layer)
             kept = context_length if window is None else min(context_length, window - 1)
             total += (config.num_meta_tokens + kept) * per_position
-        total += conv_dim * (config.conv_kernel - 1) * kv_bytes + ssm_state * state_bytes
+        total += conv_dim * (config.conv_kernel - 1) * conv_bytes + ssm_state * state_bytes
     return total
 
 
