@@ -173,8 +173,10 @@ def compose(recipe: Recipe, until: str, runner) -> dict:
 
             inputs["parent"] = version_ref(recipe.align.model)
         # A new version of the registered model it was aligned from; of ``<name>-aligned`` for a folder.
-        model_name = {STUDENT: name, TEACHER: f"{name}-teacher"}.get(
-            recipe.align.model, inputs["parent"].name if "parent" in inputs else f"{name}-aligned")
+        if recipe.align.model in (STUDENT, TEACHER):
+            model_name = name if recipe.align.model == STUDENT else f"{name}-teacher"
+        else:
+            model_name = inputs["parent"].name if "parent" in inputs else f"{name}-aligned"
         refs["aligned_version"] = runner.run(register_stage, RegistrationSpec(model_name=model_name, **how), inputs)
     return refs
 

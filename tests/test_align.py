@@ -286,3 +286,21 @@ def test_two_processes_follow_the_one_process_curve(tmp_path, tmp_path_factory):
     for name in ("after_loss", "after_rewards/margins", "after_logps_margin"):
         assert results[2][name] == pytest.approx(results[1][name], rel=0.05, abs=0.02), name
     assert results[2]["after_rewards/margins"] > 0.1
+
+
+def test_the_plan_of_a_recipe_that_aligns_lists_its_stages_in_order(tmp_path, tmp_path_factory, corpus_dir, capsys,
+                                                                    monkeypatch):
+    """``factory run --plan`` runs nothing: every alignment step (and the registration of the
+    aligned version, whose parent does not exist yet) is planned."""
+    from .conftest import run_cli
+
+    monkeypatch.setenv("FACTORY_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    sft_data, preference_data = write_alignment_data(tmp_path / "data")
+    recipe = recipe_dict(corpus_dir, name="align-plan", start_from=str(tiny_checkpoint(tmp_path_factory)),
+                         align={"model": "teacher", "sft": {"data": str(sft_data)},
+                                "preference": {"data": str(preference_data)}})
+    code, out, err = run_cli("run", "--plan", str(write_recipe(tmp_path / "plan.yaml", recipe)), capsys=capsys)
+    assert code == 0, err
+    stages = [line.split()[1] for line in out.split("\n\n", 1)[1].splitlines() if line.strip()]
+    assert stages == ["data", "sft", "preference", "evaluate", "register", "register"]
+    assert not (tmp_path / "artifacts" / "sft").exists()
